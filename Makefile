@@ -1,0 +1,28 @@
+# `make test` builds the virtual environment from nothing and runs the whole suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv test protos check-protos clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]" "$(TORCH)"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+# Regenerate the gRPC stubs from protos/reward.proto (tests fail when they are stale).
+protos: venv
+	$(PY) -m rm_server.protogen
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,116 @@
+"""The one interceptor: auth, exception -> status code mapping, and per-RPC metrics.
+
+RPC bodies never wrap themselves in try/except. A :class:`ServiceError` becomes its status
+code (with trailing metadata such as ``retry-after-ms``); any other exception is logged,
+counted in ``rm_internal_errors_total`` and answered INTERNAL, never UNKNOWN. Health and
+reflection pass through untouched (health must answer Kubernetes probes without a token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+import grpc
+
+from rm_server.errors import ServiceError, Unauthenticated
+
+log = logging.getLogger("rm_server")
+SERVICE_PREFIX = "/rlhf.reward.v1.RewardService/"
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics, auth_token: str | None = None):
+        self.metrics = metrics
+        self._expected = f"Bearer {auth_token}".encode() if auth_token else None
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler
+        method = details.method[len(SERVICE_PREFIX):]
+        metadata = dict(details.invocation_metadata or ())
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+    def _check_auth(self, metadata: dict) -> None:
+        if self._expected is None:
+            return
+        got = metadata.get("authorization", "")
+        got = got.encode() if isinstance(got, str) else got
+        if not hmac.compare_digest(got, self._expected):  # constant time
+            raise Unauthenticated("missing or wrong bearer token")
+
+    def _wrap_unary(self, behavior, method, metadata):
+        async def wrapped(request, context):
+            start = time.perf_counter()
+            self.metrics.inflight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                self._check_auth(metadata)
+                return await behavior(request, context)
+            except BaseException as exc:
+                code = status_of(exc, context)
+                await self._raise(exc, code, context, method)
+            finally:
+                self._finish(method, code, start)
+        return wrapped
+
+    def _wrap_stream(self, behavior, method, metadata):
+        async def wrapped(request_iterator, context):
+            start = time.perf_counter()
+            self.metrics.inflight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                self._check_auth(metadata)
+                async for response in behavior(request_iterator, context):
+                    yield response
+            except BaseException as exc:
+                code = status_of(exc, context)
+                await self._raise(exc, code, context, method)
+            finally:
+                self._finish(method, code, start)
+        return wrapped
+
+    async def _raise(self, exc: BaseException, code, context, method: str) -> None:
+        """Abort the call with ``code`` (cancellation and grpc's own aborts propagate as they are)."""
+        if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
+            raise exc
+        if isinstance(exc, ServiceError):
+            if not exc.counted_by_batcher:
+                self.metrics.rejected.labels(exc.reason).inc()
+            if exc.trailing:
+                context.set_trailing_metadata(exc.trailing)
+            await context.abort(code, exc.message)
+        self.metrics.internal_errors.inc()
+        log.exception("internal error in %s", method)
+        await context.abort(code, f"internal error: {type(exc).__name__}")
+
+    def _finish(self, method: str, code: grpc.StatusCode, start: float) -> None:
+        self.metrics.inflight.dec()
+        self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)
+
+
+def status_of(exc: BaseException, context) -> grpc.StatusCode:
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code() if hasattr(context, "code") else None
+        return code or grpc.StatusCode.UNKNOWN
+    if isinstance(exc, ServiceError):
+        return exc.code
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,62 @@
+"""Prometheus metrics of the reward server (prefix ``rm_``; DESIGN §5).
+
+Histograms in base units (seconds, samples, tokens), counters ending in ``_total``, bounded
+labels only (method names, status codes, a fixed set of rejection reasons). Each server owns a
+registry, so tests can run several servers in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+RATIO_BUCKETS = (.05, .1, .2, .3, .4, .5, .6, .7, .8, .9, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter("rm_requests", "RPCs finished, by method and status code",
+                                ["method", "code"], registry=r)
+        self.samples = Counter("rm_samples", "Samples scored by the model", registry=r)
+        self.tokens = Counter("rm_tokens", "Tokens scored by the model (unpadded)", registry=r)
+        self.truncated = Counter("rm_truncated_samples", "Samples cut by the truncation policy",
+                                 registry=r)
+        self.request_duration = Histogram("rm_request_duration_seconds",
+                                          "RPC duration, by method", ["method"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("rm_queue_wait_seconds",
+                                    "Time a sample waited in the queue before its batch ran",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("rm_inference_duration_seconds",
+                                   "Model time per batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("rm_batch_size", "Samples per batch", buckets=SIZE_BUCKETS,
+                                    registry=r)
+        self.batch_tokens = Histogram("rm_batch_tokens", "Padded tokens per batch (max_len x n)",
+                                      buckets=TOKEN_BUCKETS, registry=r)
+        self.padding_ratio = Histogram("rm_padding_ratio", "Fraction of a batch that is padding",
+                                       buckets=RATIO_BUCKETS, registry=r)
+        self.queue_depth = Gauge("rm_queue_depth", "Samples waiting in the queue", registry=r)
+        self.inflight = Gauge("rm_inflight_requests", "RPCs being handled", registry=r)
+        self.rejected = Counter("rm_rejected", "Refused or dropped before the model, by reason (queue_full, deadline, cancelled: samples; others: requests)",
+                                ["reason"], registry=r)
+        self.internal_errors = Counter("rm_internal_errors", "Unexpected exceptions (INTERNAL)",
+                                       registry=r)
+        self.ready = Gauge("rm_model_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.build_info = Gauge("rm_build_info", "Server version and served model",
+                                ["version", "model"], registry=r)
+        for reason in ("invalid", "queue_full", "not_ready", "deadline", "cancelled",
+                       "unauthenticated", "internal"):
+            self.rejected.labels(reason)  # expose zeros so rate() works from the start
+
+    def observe_batch(self, lengths: list[int], seconds: float) -> None:
+        n, longest = len(lengths), max(lengths)
+        padded = n * longest
+        self.samples.inc(n)
+        self.tokens.inc(sum(lengths))
+        self.batch_size.observe(n)
+        self.batch_tokens.observe(padded)
+        self.padding_ratio.observe(1.0 - sum(lengths) / padded)
+        self.inference.observe(seconds)

@@ -1,0 +1,186 @@
+"""Loading a HuggingFace reward-model checkpoint and scoring batches of token ids.
+
+Two scoring paths, both equal to ``AutoModelForSequenceClassification`` run on each sample
+alone (the parity rule, tested per architecture):
+
+- "last-token" (decoder RMs: GPT-2, Llama, Qwen2/3, Mistral, GPT-NeoX): the backbone runs with
+  its final norm replaced by identity, then ``kernels.last_token_score`` gathers the scored row
+  of each sequence, applies the final norm and the score head to those B rows only (HF runs
+  norm and head over all B*T positions, then picks one row per sequence).
+- "forward" (anything else, e.g. BERT/DeBERTa encoder RMs): the model's own forward.
+
+The scored position follows HF: the rightmost token whose id != pad_token_id (so when pad ==
+eos a trailing EOS is skipped and the token before it is scored); with no pad id, the last
+token. We compute it on each unpadded sequence, then right-pad the batch: causal attention
+and position ids of the real tokens are then exactly those of the sample run alone, whatever
+else shares the batch (left padding would shift Llama's positions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import kernels
+from rm_server.encoding import Encoder, tokenizer_fingerprint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# model_type -> attribute of the backbone holding the final norm
+LAST_TOKEN_FAMILIES = {"gpt2": "ln_f", "llama": "norm", "qwen2": "norm", "qwen3": "norm",
+                       "mistral": "norm", "gpt_neox": "final_layer_norm"}
+
+
+class ModelLoadError(Exception):
+    """The checkpoint cannot be served (missing, unreadable, not a scalar reward model)."""
+
+
+def last_token_index(ids: list[int], pad_token_id: int | None) -> int:
+    """HF's rule on one unpadded sequence: the rightmost id != pad (0 if none); else the last."""
+    if pad_token_id is None:
+        return len(ids) - 1
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] != pad_token_id:
+            return i
+    return 0
+
+
+@dataclass(frozen=True)
+class FinalNorm:
+    """What ``kernels.last_token_score`` needs to apply the backbone's final norm to one row."""
+
+    kind: str  # "rms" | "layer"
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+
+def describe_norm(module: nn.Module) -> FinalNorm | None:
+    """The final norm as (kind, weight, bias, eps), or None if it is not a plain RMS/LayerNorm."""
+    if isinstance(module, nn.LayerNorm):
+        return FinalNorm("layer", module.weight, module.bias, float(module.eps))
+    name = type(module).__name__
+    # Llama/Qwen/Mistral RMSNorm: weight * x / rms(x). Gemma's (1 + weight) variant is excluded.
+    if name.endswith("RMSNorm") and "Gemma" not in name and hasattr(module, "weight"):
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is not None:
+            return FinalNorm("rms", module.weight, None, float(eps))
+    return None
+
+
+def weights_version(path: Path) -> str:
+    """sha256 (16 hex digits) of the weight files, in name order."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class RewardModel:
+    """A loaded reward model: tokenizer, encoder, and ``score(list of id lists) -> rewards``."""
+
+    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
+                 max_length: int | None = None, truncation: str = "left",
+                 name: str | None = None, force_forward: bool = False):
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise ModelLoadError(f"{self.path} is not a checkpoint directory (no config.json)")
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        try:
+            self.config = AutoConfig.from_pretrained(self.path)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                self.path, dtype=DTYPES[dtype]).to(device).eval()
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"cannot load {self.path}: {e}") from None
+        if self.model.config.num_labels != 1:
+            raise ModelLoadError(f"{self.path} has num_labels={self.model.config.num_labels}; "
+                                 "a reward model has one scalar output (num_labels=1)")
+        self.name = name or self.path.resolve().name
+        self.dtype, self.device = dtype, torch.device(device)
+        self.pad_token_id = self.model.config.pad_token_id
+        self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        self.max_length = self._max_length(max_length)
+        self.encoder = Encoder(self.tokenizer, self.max_length, self.vocab_size, truncation)
+        self.version = weights_version(self.path)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        self.architecture = type(self.model).__name__
+        self._final_norm: FinalNorm | None = None
+        self.scoring_path = "forward" if force_forward else self._setup_last_token()
+        self.reward_stats = self._read_reward_stats()
+
+    def _max_length(self, requested: int | None) -> int:
+        cfg = self.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        candidates = [x for x in (limit, requested) if x]
+        if tok_max and tok_max < 1_000_000 and not requested:
+            candidates.append(tok_max)
+        return int(min(candidates)) if candidates else 2048
+
+    def _setup_last_token(self) -> str:
+        """Detach the backbone's final norm so it runs on B rows in the kernel, not B*T."""
+        norm_attr = LAST_TOKEN_FAMILIES.get(self.model.config.model_type)
+        backbone = getattr(self.model, self.model.base_model_prefix, None)
+        head = getattr(self.model, "score", None)
+        if norm_attr is None or backbone is None or not isinstance(head, nn.Linear):
+            return "forward"
+        final_norm = describe_norm(getattr(backbone, norm_attr, None))
+        if final_norm is None:
+            return "forward"
+        self._backbone, self._head, self._final_norm = backbone, head, final_norm
+        self._norm_attr, self._norm_module = norm_attr, getattr(backbone, norm_attr)
+        setattr(backbone, norm_attr, nn.Identity())
+        return "last-token"
+
+    def _read_reward_stats(self) -> dict | None:
+        import json
+
+        p = self.path / "reward_stats.json"
+        if not p.is_file():
+            return None
+        stats = json.loads(p.read_text())
+        return {"mean": float(stats["mean"]), "std": float(stats["std"])}
+
+    def collate(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-pad to (B, T) ids and mask; the scored index of each row, computed unpadded."""
+        t = max(len(s) for s in seqs)
+        fill = self.pad_token_id if self.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), t), fill, dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+            mask[b, : len(s)] = 1
+        index = torch.tensor([last_token_index(s, self.pad_token_id) for s in seqs])
+        return ids, mask, index
+
+    @torch.inference_mode()
+    def score(self, seqs: list[list[int]]) -> list[float]:
+        """Rewards (fp32) for a batch of token-id sequences; runs on the model thread."""
+        ids, mask, index = (x.to(self.device) for x in self.collate(seqs))
+        if self.scoring_path == "last-token":
+            hidden = self._backbone(input_ids=ids, attention_mask=mask,
+                                    use_cache=False).last_hidden_state  # (B, T, H)
+            n = self._final_norm
+            rewards = kernels.last_token_score(hidden, index, self._head.weight, self._head.bias,
+                                               n.kind, n.weight, n.bias, n.eps)  # (B, 1)
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, 1)
+            rewards = logits.float()
+        return rewards[:, 0].cpu().tolist()  # one device->host sync per batch
+
+    def warmup(self) -> None:
+        """One small batch through the whole path (allocations, lazy init) before SERVING."""
+        probe = self.encoder.encode_text("warm up", " the model")[0] or [0]
+        self.score([probe, probe[: max(1, len(probe) // 2)]])

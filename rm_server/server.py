@@ -1,0 +1,278 @@
+"""``rm-server serve``: the gRPC server (grpc.aio), health, reflection, metrics, shutdown.
+
+Lifecycle: bind the ports and answer health NOT_SERVING at once; load the checkpoint and run
+a warm-up batch on the model thread; then SERVING. On SIGTERM/SIGINT: NOT_SERVING, wait
+``drain_delay_seconds`` (endpoints update while traffic still arrives), stop accepting RPCs,
+let in-flight calls finish within ``grace_seconds``, stop the batcher, exit 0. A checkpoint
+that cannot be loaded prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import reward_pb2 as pb
+from rm_server import __version__
+from rm_server.batcher import Batcher, BatchPolicy
+from rm_server.interceptor import StatusInterceptor
+from rm_server.metrics import Metrics
+from rm_server.service import SERVICE_NAME, RewardServicer, model_info
+
+log = logging.getLogger("rm_server")
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    """Reward-model checkpoint directory (any HF *ForSequenceClassification with num_labels=1)."""
+    host: str = "127.0.0.1"
+    """Address to bind; 127.0.0.1 unless told otherwise (use 0.0.0.0 in a container)."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one (see --port-file)."""
+    metrics_port: int | None = 9090
+    """Prometheus /metrics port; 0 picks a free one; --metrics-port -1 disables it."""
+    metrics_host: str | None = None
+    """Address for /metrics (default: same as --host)."""
+    port_file: str | None = None
+    """Write {"port", "metrics_port", "pid"} as JSON here once bound (for tests and scripts)."""
+    model_name: str | None = None
+    """Name reported by GetModelInfo and rm_build_info (default: the directory's name)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype."""
+    device: str = "cpu"
+    """Torch device: cpu, cuda, cuda:N."""
+    num_threads: int | None = None
+    """torch.set_num_threads for the model thread (default: torch's choice)."""
+    max_length: int | None = None
+    """Longest input in tokens (default: the model's position limit / tokenizer max)."""
+    truncation: Literal["left", "error"] = "left"
+    """Over-long inputs: left = drop tokens from the start, keep the scored end (truncated=true); error = INVALID_ARGUMENT."""
+    max_batch_size: int = 32
+    """A batch closes at this many samples."""
+    max_batch_tokens: int = 8192
+    """A batch closes at this padded cost (longest length x samples)."""
+    max_wait_ms: float = 5.0
+    """A batch closes when its oldest sample has waited this long (model idle)."""
+    max_queue: int = 4096
+    """Queued samples at most; a request that does not fit is refused with UNAVAILABLE."""
+    max_samples_per_request: int = 1024
+    """Samples one ScoreRequest may carry."""
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest gRPC message received or sent (RESOURCE_EXHAUSTED above it)."""
+    max_concurrent_rpcs: int | None = 1024
+    """RPCs handled at once; grpc answers RESOURCE_EXHAUSTED above it."""
+    reflection: bool = True
+    """Serve gRPC server reflection (--no-reflection to turn it off)."""
+    grace_seconds: float = 30.0
+    """On shutdown, how long in-flight calls may take to finish."""
+    drain_delay_seconds: float = 0.0
+    """On shutdown, how long to keep serving after NOT_SERVING before refusing new calls."""
+    auth_token_file: str | None = None
+    """File holding a bearer token; when set, RewardService calls need 'authorization: Bearer <token>' (health is exempt)."""
+    tls_cert: str | None = None
+    """PEM server certificate chain: serve TLS on the main port."""
+    tls_key: str | None = None
+    """PEM private key of --tls-cert."""
+    tls_client_ca: str | None = None
+    """PEM CA bundle: require client certificates signed by it (mTLS)."""
+    health_port: int | None = None
+    """Extra plaintext port serving only grpc.health.v1 (for Kubernetes probes when TLS is on)."""
+    log_level: str = "info"
+    """Logging level: debug, info, warning, error."""
+
+
+def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        # Keepalive agreed with the client library (rm_server/client.py): clients ping every
+        # 30 s; allow pings every 10 s so no client earns a GOAWAY too_many_pings.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Balanced clients re-resolve when connections age out, so new replicas get traffic.
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 60_000),
+    ]
+
+
+def _credentials(cfg: ServeConfig):
+    if not cfg.tls_cert:
+        return None
+    if not cfg.tls_key:
+        raise ValueError("--tls-cert needs --tls-key")
+    key, cert = Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes()
+    ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+def _read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"auth token file {path} is empty")
+    return token
+
+
+def _add_reward_service(server: grpc.aio.Server, servicer: RewardServicer) -> None:
+    """Register with no request deserializer: the servicer parses bytes (DecodeError -> 400)."""
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score, response_serializer=pb.ScoreResponse.SerializeToString),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreStream, response_serializer=pb.ScoreResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+async def _set_health(health_servicer, status) -> None:
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)
+
+
+class RewardServer:
+    """The assembled server; ``run()`` serves until a stop signal, returns the exit code."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        self.servicer = RewardServicer(None, cfg.max_samples_per_request, self.metrics)
+        self.stop_event = asyncio.Event()
+        self.servers: list[grpc.aio.Server] = []
+        self.port = self.metrics_port = self.health_port = None
+        self._httpd = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        token = _read_token(cfg.auth_token_file)
+        creds = _credentials(cfg)
+        server = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics, token)],
+                                 options=server_options(cfg),
+                                 maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        _add_reward_service(server, self.servicer)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if cfg.reflection:
+            from grpc_reflection.v1alpha import reflection
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME), server)
+        address = f"{cfg.host}:{cfg.port}"
+        self.port = (server.add_secure_port(address, creds) if creds
+                     else server.add_insecure_port(address))
+        if not self.port:
+            raise OSError(f"cannot bind {address}")
+        self.servers.append(server)
+        if cfg.health_port is not None:  # plaintext, health only: Kubernetes probes speak no TLS
+            hs = grpc.aio.server(options=server_options(cfg))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
+            self.health_port = hs.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+            self.servers.append(hs)
+        await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for s in self.servers:
+            await s.start()
+        if cfg.metrics_port is not None and cfg.metrics_port >= 0:
+            from prometheus_client import start_http_server
+            self._httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_host or cfg.host,
+                                               registry=self.metrics.registry)
+            self.metrics_port = self._httpd.server_port
+        log.info("listening on %s:%s (metrics %s)", cfg.host, self.port, self.metrics_port)
+        if cfg.port_file:
+            tmp = Path(cfg.port_file + ".tmp")  # atomic: readers never see half a file
+            tmp.write_text(json.dumps(
+                {"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid(),
+                 "health_port": self.health_port}))
+            os.replace(tmp, cfg.port_file)
+
+    async def load(self) -> None:
+        """Load and warm up on a worker thread: health keeps answering meanwhile."""
+        from rm_server.model import RewardModel
+
+        cfg = self.cfg
+        if cfg.num_threads:
+            import torch
+            torch.set_num_threads(cfg.num_threads)
+        model = await asyncio.to_thread(RewardModel, cfg.model, cfg.dtype, cfg.device,
+                                        cfg.max_length, cfg.truncation, cfg.model_name)
+        await asyncio.to_thread(model.warmup)
+        policy = BatchPolicy(cfg.max_batch_size, cfg.max_batch_tokens, cfg.max_wait_ms / 1000)
+        batcher = Batcher(model.score, policy, cfg.max_queue, self.metrics)
+        batcher.start()
+        self.servicer.batcher = batcher
+        self.servicer.info = model_info(model, cfg.max_samples_per_request, __version__)
+        self.servicer.model = model
+        self.metrics.build_info.labels(__version__, model.name).set(1)
+        self.metrics.ready.set(1)
+        await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s (%s, %s, %s path, version %s)", model.name, model.architecture,
+                 cfg.dtype, model.scoring_path, model.version)
+
+    async def shutdown(self) -> None:
+        cfg = self.cfg
+        log.info("draining: NOT_SERVING, grace %.1fs", cfg.grace_seconds)
+        await self.health.enter_graceful_shutdown()
+        self.metrics.ready.set(0)
+        if cfg.drain_delay_seconds > 0:
+            await asyncio.sleep(cfg.drain_delay_seconds)
+        await asyncio.gather(*(s.stop(cfg.grace_seconds) for s in self.servers))
+        if self.servicer.batcher:
+            await self.servicer.batcher.stop()
+        if self._httpd:
+            self._httpd.shutdown()
+        log.info("stopped")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        await self.start()
+        loader = asyncio.ensure_future(self.load())
+        stopper = asyncio.ensure_future(self.stop_event.wait())
+        await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if loader.done() and loader.exception() is not None:
+            stopper.cancel()
+            await asyncio.gather(*(s.stop(0) for s in self.servers))
+            if self._httpd:
+                self._httpd.shutdown()
+            raise loader.exception()
+        await stopper
+        loader.cancel()
+        await self.shutdown()
+        return 0
+
+
+def serve(cfg: ServeConfig) -> int:
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    from rm_server.model import ModelLoadError
+    try:
+        return asyncio.run(RewardServer(cfg).run())
+    except (ModelLoadError, OSError, ValueError) as e:
+        print(f"rm-server serve: error: {e}", file=sys.stderr)
+        return 1

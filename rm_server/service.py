@@ -1,0 +1,209 @@
+"""The RewardService servicer: protobuf <-> domain objects, and nothing else.
+
+Requests arrive as raw bytes (the handlers are registered without a deserializer) so that
+undecodable bytes become INVALID_ARGUMENT here instead of grpc's UNKNOWN. Validation errors
+raise :class:`InvalidArgument` naming the sample id and field; the interceptor maps errors to
+status codes. Scoring and batching live in the batcher and the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from google.protobuf.message import DecodeError
+
+from protos import reward_pb2 as pb
+from rm_server.batcher import Batcher, Pending
+from rm_server.encoding import ChatInput, InputError, TextInput, TokenInput
+from rm_server.errors import InvalidArgument, NotReady
+
+MAX_ID_BYTES = 256
+SERVICE_NAME = "rlhf.reward.v1.RewardService"
+
+
+class UnarySink:
+    """Collects a unary call's results; the future resolves when every sample is answered."""
+
+    def __init__(self, n: int):
+        self.cancelled = False
+        self.results: list[tuple[Pending, float]] = []
+        self.n = n
+        self.future: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def deliver(self, results):
+        self.results.extend(results)
+        if len(self.results) == self.n and not self.future.done():
+            self.future.set_result(self.results)
+
+    def fail(self, exc, items):
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class StreamSink:
+    """Queues a stream's results as batches finish; tracks ids not answered yet."""
+
+    END = object()
+
+    def __init__(self):
+        self.cancelled = False
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.outstanding: set[str] = set()
+        self.input_closed = False
+
+    def deliver(self, results):
+        for p, _ in results:
+            self.outstanding.discard(p.sample_id)
+        self.queue.put_nowait(results)
+        self._maybe_end()
+
+    def fail(self, exc, items):
+        self.queue.put_nowait(exc)
+
+    def close_input(self):
+        self.input_closed = True
+        self._maybe_end()
+
+    def _maybe_end(self):
+        if self.input_closed and not self.outstanding:
+            self.queue.put_nowait(self.END)
+
+
+def parse(raw: bytes, message_cls):
+    try:
+        return message_cls.FromString(raw)
+    except DecodeError as e:
+        raise InvalidArgument(f"request: cannot decode {message_cls.__name__}: {e}") from None
+
+
+def to_domain(sample: pb.Sample):
+    """The sample's input as an encoding input object, or InvalidArgument naming the field."""
+    kind = sample.WhichOneof("input")
+    if kind == "text":
+        return TextInput(sample.text.prompt, sample.text.response)
+    if kind == "conversation":
+        return ChatInput(tuple((m.role, m.content) for m in sample.conversation.messages))
+    if kind == "tokens":
+        return TokenInput(tuple(sample.tokens.ids), sample.tokens.prompt_length)
+    raise InvalidArgument.for_sample(sample.id, "input", "no input set (one of text, "
+                                     "conversation, tokens)")
+
+
+def result_message(results) -> pb.ScoreResponse:
+    return pb.ScoreResponse(results=[
+        pb.ScoreResult(id=p.sample_id, reward=r, num_tokens=p.length, truncated=p.truncated)
+        for p, r in results])
+
+
+class RewardServicer:
+    """Score / ScoreStream / GetModelInfo over a model (set once loaded) and a batcher."""
+
+    def __init__(self, batcher: Batcher | None, max_samples_per_request: int = 1024,
+                 metrics=None):
+        self.model = None  # set by the server once loaded and warmed up
+        self.batcher = batcher
+        self.max_samples = max_samples_per_request
+        self.metrics = metrics
+        self.info: pb.ModelInfo | None = None
+
+    def _require_model(self):
+        if self.model is None:
+            raise NotReady("model is not loaded yet (or the server is draining)")
+        return self.model
+
+    def admit(self, request: pb.ScoreRequest, sink, context, taken: set[str]) -> list[Pending]:
+        """Validate and encode every sample of a request, then queue them together."""
+        model = self._require_model()
+        if not request.samples:
+            raise InvalidArgument("samples: empty request (1..N samples expected)")
+        if len(request.samples) > min(self.max_samples, self.batcher.max_queue):
+            raise InvalidArgument(f"samples: {len(request.samples)} samples exceeds "
+                                  f"max_samples_per_request {self.max_samples} (or max_queue)")
+        now = time.monotonic()
+        remaining = context.time_remaining()
+        deadline = now + remaining if remaining is not None else None
+        client = dict(context.invocation_metadata() or ()).get("x-client-id", "")
+        items, seen = [], set()
+        for s in request.samples:
+            if not s.id:
+                raise InvalidArgument("samples.id: empty sample id")
+            if len(s.id.encode()) > MAX_ID_BYTES:
+                raise InvalidArgument(f"samples.id: id longer than {MAX_ID_BYTES} bytes")
+            if s.id in seen or s.id in taken:
+                raise InvalidArgument.for_sample(s.id, "id", "duplicate id (ids must be unique "
+                                                 "among the samples not answered yet)")
+            seen.add(s.id)
+            try:
+                enc = model.encoder.encode(to_domain(s))
+            except InputError as e:
+                raise InvalidArgument.for_sample(s.id, e.field, e.message) from None
+            items.append(Pending(s.id, enc.ids, sink, now, deadline, client, enc.truncated))
+        self.batcher.submit(items)
+        if self.metrics:
+            self.metrics.truncated.inc(sum(p.truncated for p in items))
+        return items
+
+    async def Score(self, raw: bytes, context) -> pb.ScoreResponse:
+        request = parse(raw, pb.ScoreRequest)
+        sink = UnarySink(len(request.samples))
+        self.admit(request, sink, context, set())
+        try:
+            results = await sink.future
+        except asyncio.CancelledError:  # client cancelled or deadline: drop queued samples
+            self.batcher.cancel(sink)
+            raise
+        return result_message(results)
+
+    async def ScoreStream(self, raw_iterator, context):
+        sink = StreamSink()
+        reader = asyncio.ensure_future(self._read_stream(raw_iterator, sink, context))
+        try:
+            while True:
+                item = await sink.queue.get()
+                if item is StreamSink.END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield result_message(item)
+        finally:
+            reader.cancel()
+            self.batcher.cancel(sink)
+
+    async def _read_stream(self, raw_iterator, sink: StreamSink, context) -> None:
+        try:
+            async for raw in raw_iterator:
+                request = parse(raw, pb.ScoreRequest)
+                items = self.admit(request, sink, context, sink.outstanding)
+                sink.outstanding.update(p.sample_id for p in items)
+            sink.close_input()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # surfaces on the response side, which maps it to a status
+            sink.queue.put_nowait(e)
+
+    async def GetModelInfo(self, raw: bytes, context) -> pb.ModelInfo:
+        parse(raw, pb.GetModelInfoRequest)
+        self._require_model()
+        return self.info
+
+
+def model_info(model, max_samples: int, server_version: str) -> pb.ModelInfo:
+    tok = model.tokenizer
+    stats = model.reward_stats
+    return pb.ModelInfo(
+        name=model.name, version=model.version, architecture=model.architecture,
+        max_length=model.max_length, tokenizer_fingerprint=model.tokenizer_fingerprint,
+        has_reward_stats=stats is not None,
+        reward_mean=stats["mean"] if stats else 0.0, reward_std=stats["std"] if stats else 0.0,
+        model_type=model.config.model_type, vocab_size=model.vocab_size, dtype=model.dtype,
+        device=str(model.device), truncation=model.encoder.truncation,
+        has_chat_template=model.encoder.has_chat_template,
+        bos_token_id=_id(tok.bos_token_id), eos_token_id=_id(tok.eos_token_id),
+        pad_token_id=_id(model.pad_token_id), max_samples_per_request=max_samples,
+        scoring_path=model.scoring_path, num_parameters=model.num_parameters,
+        server_version=server_version)
+
+
+def _id(x) -> int:
+    return -1 if x is None else int(x)

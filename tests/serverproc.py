@@ -1,0 +1,91 @@
+"""Start a real ``rm-server serve`` subprocess on loopback and wait until it is SERVING."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+@dataclass
+class ServerProc:
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int | None
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def health_status(address: str, service: str = "", timeout: float = 1.0):
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+
+
+def wait_serving(address: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if health_status(address) == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{address} not SERVING after {timeout}s")
+
+
+def start_server(model_dir, *args: str, wait: bool = True, timeout: float = 90.0,
+                 env: dict | None = None) -> ServerProc:
+    """``rm-server serve --model DIR --port 0 --metrics-port 0`` plus ``args``."""
+    tmp = Path(tempfile.mkdtemp(prefix="rmserver-"))
+    port_file, log_path = tmp / "ports.json", tmp / "server.log"
+    cmd = [sys.executable, "-m", "rm_server.cli", "serve", "--model", str(model_dir),
+           "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
+           "--num-threads", "1", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    end = time.monotonic() + timeout
+    while not port_file.exists() or not port_file.read_text():
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise TimeoutError(f"server did not bind:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    ports = json.loads(port_file.read_text())
+    server = ServerProc(proc, ports["port"], ports["metrics_port"], log_path)
+    if wait:
+        try:
+            wait_serving(server.address, max(1.0, end - time.monotonic()), proc)
+        except Exception:
+            server.stop(signal.SIGKILL)
+            raise RuntimeError(f"server never became SERVING:\n{server.log()}")
+    return server

@@ -1,0 +1,221 @@
+"""The batching policy and the batcher, without sockets: a fake model records every batch."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from rm_server.batcher import Batcher, BatchPolicy, Pending
+from rm_server.errors import DeadlineExceeded, Overloaded
+from rm_server.metrics import Metrics
+from rm_server.service import UnarySink
+
+
+class Sink:
+    def __init__(self):
+        self.cancelled = False
+        self.results, self.errors = [], []
+
+    def deliver(self, results):
+        self.results.extend(results)
+
+    def fail(self, exc, items):
+        self.errors.append((exc, [p.sample_id for p in items]))
+
+
+def item(i, length, t=0.0, sink=None, deadline=None):
+    return Pending(f"s{i}", [7] * length, sink or Sink(), t, deadline)
+
+
+# -- policy (pure) -------------------------------------------------------------------------
+def test_closes_on_size_tokens_or_wait():
+    p = BatchPolicy(max_batch_size=4, max_batch_tokens=100, max_wait=0.01)
+    assert not p.ready([], 0, 0)
+    assert not p.ready([item(0, 5)], now=0.005, batches_in_flight=0)  # young, not full
+    assert p.ready([item(0, 5)], now=0.02, batches_in_flight=0)  # oldest waited max_wait
+    assert p.ready([item(i, 5) for i in range(4)], now=0, batches_in_flight=0)  # size
+    assert p.ready([item(0, 60), item(1, 50)], now=0, batches_in_flight=0)  # 2 x 60 >= 100
+    # While the model runs a batch, only a full one is formed; a partial waits.
+    assert not p.ready([item(0, 5)], now=1.0, batches_in_flight=1)
+    assert p.ready([item(i, 5) for i in range(4)], now=0, batches_in_flight=1)
+    assert not p.ready([item(i, 5) for i in range(4)], now=0, batches_in_flight=2)
+
+
+def test_select_respects_budgets_and_groups_by_length():
+    p = BatchPolicy(max_batch_size=3, max_batch_tokens=10_000, max_wait=0)
+    pending = [item(0, 50, t=0)] + [item(i, n, t=i) for i, n in
+                                    enumerate([3, 49, 100, 51, 4, 48], start=1)]
+    batch = p.select(pending)
+    assert pending[0] in batch  # the oldest is always taken
+    assert max(b.length for b in batch) - min(b.length for b in batch) <= 2  # nearest lengths
+    tight = BatchPolicy(max_batch_size=64, max_batch_tokens=120, max_wait=0)
+    batch = tight.select([item(i, n, t=i) for i, n in enumerate([40, 10, 41, 42, 90])])
+    assert max(b.length for b in batch) * len(batch) <= 120
+    assert batch[0].length >= 40 or len(batch) >= 2
+
+
+def test_select_over_budget_sample_runs_alone():
+    p = BatchPolicy(max_batch_size=8, max_batch_tokens=64, max_wait=0)
+    batch = p.select([item(0, 500, t=0), item(1, 5, t=1)])
+    assert [b.sample_id for b in batch] == ["s0"]
+
+
+def test_padding_is_lower_than_fifo():
+    """Length grouping vs FIFO on a bimodal mix: far less padding."""
+    lengths = [8, 120] * 32
+    p = BatchPolicy(max_batch_size=8, max_batch_tokens=10**6, max_wait=0)
+    pending = [item(i, n, t=i) for i, n in enumerate(lengths)]
+    padded = real = 0
+    while pending:
+        b = p.select(pending)
+        pending = [x for x in pending if x not in b]
+        padded += max(x.length for x in b) * len(b)
+        real += sum(x.length for x in b)
+    fifo = sum(max(lengths[i:i + 8]) * 8 for i in range(0, 64, 8))
+    assert 1 - real / padded < 0.05 < 1 - real / fifo
+
+
+# -- batcher (asyncio + one model thread) --------------------------------------------------
+class FakeModel:
+    """Reward = sum of ids / 1000; records batches; optionally slow or failing."""
+
+    def __init__(self, delay=0.0, fail_on=None):
+        self.batches, self.delay, self.fail_on = [], delay, fail_on
+        self.threads = set()
+
+    def __call__(self, seqs):
+        self.threads.add(threading.current_thread().name)
+        self.batches.append([len(s) for s in seqs])
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_on is not None and any(len(s) == self.fail_on for s in seqs):
+            raise RuntimeError("model fault")
+        return [sum(s) / 1000 for s in seqs]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_every_sample_answered_once_with_its_score():
+    async def main():
+        model = FakeModel(delay=0.002)
+        metrics = Metrics()
+        b = Batcher(model, BatchPolicy(8, 4096, 0.002), max_queue=1000, metrics=metrics)
+        b.start()
+        sinks = []
+        for r in range(20):
+            sink = UnarySink(5)
+            b.submit([Pending(f"r{r}-{j}", [r + 1] * (j + 1), sink, time.monotonic())
+                      for j in range(5)])
+            sinks.append(sink)
+        results = await asyncio.gather(*(s.future for s in sinks))
+        await b.stop()
+        return model, results, metrics
+
+    model, results, metrics = run(main())
+    seen = [(p.sample_id, r) for res in results for p, r in res]
+    assert len(seen) == 100 and len({s for s, _ in seen}) == 100
+    for sid, r in seen:
+        rr, j = sid[1:].split("-")
+        assert r == pytest.approx((int(rr) + 1) * (int(j) + 1) / 1000)
+    assert all(len(x) <= 8 for x in model.batches)
+    assert sum(map(len, model.batches)) == 100
+    assert model.threads == {"rm-model_0"}  # one model thread, off the event loop
+    assert metrics.samples._value.get() == 100
+
+
+def test_event_loop_stays_responsive_during_a_long_batch():
+    async def main():
+        b = Batcher(FakeModel(delay=0.3), BatchPolicy(8, 4096, 0.0))
+        b.start()
+        sink = UnarySink(1)
+        b.submit([Pending("x", [1], sink, time.monotonic())])
+        ticks = 0
+        t0 = time.monotonic()
+        while not sink.future.done():
+            await asyncio.sleep(0.01)
+            ticks += 1
+        await b.stop()
+        return ticks, time.monotonic() - t0
+
+    ticks, elapsed = run(main())
+    assert elapsed >= 0.25 and ticks >= 10  # the loop ticked while the model thread worked
+
+
+def test_queue_bound_refuses_at_once():
+    async def main():
+        metrics = Metrics()
+        b = Batcher(FakeModel(), BatchPolicy(8, 4096, 10.0), max_queue=10, metrics=metrics)
+        b.submit([item(i, 3) for i in range(8)])
+        with pytest.raises(Overloaded) as exc:
+            b.submit([item(i, 3) for i in range(8, 11)])  # all-or-nothing
+        assert len(b.pending) == 8
+        assert dict(exc.value.trailing)["retry-after-ms"]
+        return metrics.rejected.labels("queue_full")._value.get()
+
+    assert run(main()) == 3
+
+
+def test_cancelled_and_expired_samples_never_reach_the_model():
+    async def main():
+        model = FakeModel(delay=0.2)
+        metrics = Metrics()
+        b = Batcher(model, BatchPolicy(1, 4096, 0.0), max_queue=100, metrics=metrics)
+        b.start()
+        first = Sink()
+        b.submit([Pending("first", [1] * 5, first, time.monotonic())])
+        await asyncio.sleep(0.05)  # the model is busy with "first"
+        gone, late = Sink(), Sink()
+        b.submit([Pending("gone", [2] * 7, gone, time.monotonic())])
+        b.submit([Pending("late", [3] * 9, late, time.monotonic(), time.monotonic() + 0.01)])
+        assert b.cancel(gone) == 1
+        await asyncio.sleep(0.4)
+        await b.stop()
+        return model, late, metrics
+
+    model, late, metrics = run(main())
+    assert model.batches == [[5]]  # neither the cancelled nor the expired sample ran
+    assert isinstance(late.errors[0][0], DeadlineExceeded) and late.errors[0][1] == ["late"]
+    assert metrics.rejected.labels("cancelled")._value.get() == 1
+    assert metrics.rejected.labels("deadline")._value.get() == 1
+
+
+def test_model_fault_fails_only_that_batch():
+    async def main():
+        b = Batcher(FakeModel(fail_on=13), BatchPolicy(1, 4096, 0.0))
+        b.start()
+        bad, good = UnarySink(1), UnarySink(1)
+        b.submit([Pending("bad", [1] * 13, bad, time.monotonic())])
+        b.submit([Pending("good", [1] * 4, good, time.monotonic())])
+        with pytest.raises(RuntimeError, match="model fault"):
+            await bad.future
+        res = await good.future
+        await b.stop()
+        return res
+
+    assert run(main())[0][1] == pytest.approx(0.004)
+
+
+def test_next_batch_forms_while_one_runs():
+    """With the model busy, a full batch is formed at once and runs right after."""
+    async def main():
+        model = FakeModel(delay=0.1)
+        b = Batcher(model, BatchPolicy(4, 4096, 0.0))
+        b.start()
+        s = UnarySink(1)
+        b.submit([Pending("a", [1], s, time.monotonic())])
+        await asyncio.sleep(0.02)
+        rest = UnarySink(4)
+        b.submit([Pending(f"b{i}", [1, 1], rest, time.monotonic()) for i in range(4)])
+        await asyncio.sleep(0.02)
+        formed = len(b._in_flight)  # the running batch + the full one waiting for the thread
+        await rest.future
+        await b.stop()
+        return formed, model.batches
+
+    formed, batches = run(main())
+    assert formed == 2 and batches == [[1], [2, 2, 2, 2]]

@@ -80,35 +80,69 @@ class BatchPolicy:
         oldest_wait = now - min(p.enqueued for p in pending)
         return batches_in_flight == 0 and oldest_wait >= self.max_wait
 
-    def select(self, pending: list[Pending]) -> list[Pending]:
-        """Take the oldest sample and its nearest neighbours by length, within the budgets.
+    def select(self, pending: list[Pending], anchor: Pending | None = None) -> list[Pending]:
+        """Take ``anchor`` (default: the oldest sample) and its nearest neighbours by length.
 
-        Greedy: from the oldest, extend the window (in length order) by the neighbour that adds
-        the least padding (a shorter one pads itself up to the longest; a longer one pads every
-        sample already taken), while size and token budget allow.
+        Greedy: from the anchor, walk outwards in length order, each step taking the neighbour
+        that adds the least padding (a shorter one pads itself up to the longest; a longer one
+        pads every sample already taken), while size and token budget allow. Fairness: with k
+        clients waiting, each may fill at most ceil(max_batch_size / k) slots in this walk;
+        slots still free afterwards go to anyone (work-conserving).
         """
         order = sorted(pending, key=lambda p: (p.length, p.enqueued))
-        anchor = min(pending, key=lambda p: p.enqueued)
-        lo = hi = order.index(anchor)
-        longest = anchor.length  # a lone over-budget sample still runs, alone
-        while hi - lo + 1 < self.max_batch_size:
-            n = hi - lo + 1
+        anchor = anchor or min(pending, key=lambda p: p.enqueued)
+        start = order.index(anchor)
+        clients = {p.client for p in pending}
+        cap = -(-self.max_batch_size // len(clients))
+        taken = self._walk(order, start, cap)
+        if len(clients) > 1 and len(taken) < self.max_batch_size:
+            rest = [p for p in order if p not in taken]
+            if rest:  # second pass without caps, around the batch's longest sample
+                longest = max(taken, key=lambda p: p.length)
+                merged = sorted(taken + rest, key=lambda p: (p.length, p.enqueued))
+                taken = self._walk(merged, merged.index(longest), self.max_batch_size,
+                                   must=taken)
+        return taken
+
+    def _walk(self, order: list[Pending], start: int, cap: int,
+              must: list[Pending] | None = None) -> list[Pending]:
+        taken = list(must) if must else [order[start]]
+        per_client: dict[str, int] = {}
+        for p in taken:
+            per_client[p.client] = per_client.get(p.client, 0) + 1
+        longest = max(p.length for p in taken)
+        chosen = set(map(id, taken))
+        lo, hi = start - 1, start + 1
+        while len(taken) < self.max_batch_size:
+            while lo >= 0 and id(order[lo]) in chosen:
+                lo -= 1
+            while hi < len(order) and id(order[hi]) in chosen:
+                hi += 1
+            n = len(taken)
             options = []  # (added padding, new cost, side)
-            if lo > 0:
-                options.append((longest - order[lo - 1].length, (n + 1) * longest, -1))
-            if hi + 1 < len(order):
-                nxt = order[hi + 1].length
-                options.append(((nxt - longest) * n, (n + 1) * nxt, 1))
+            if lo >= 0:
+                options.append((max(0, longest - order[lo].length),
+                                (n + 1) * max(longest, order[lo].length), -1))
+            if hi < len(order):
+                nxt = order[hi].length
+                options.append((max(0, nxt - longest) * n, (n + 1) * max(longest, nxt), 1))
             options = [o for o in options if o[1] <= self.max_batch_tokens]
             if not options:
                 break
             _, _, side = min(options)
+            i = lo if side < 0 else hi
             if side < 0:
                 lo -= 1
             else:
                 hi += 1
-                longest = order[hi].length
-        return order[lo: hi + 1]
+            p = order[i]
+            if per_client.get(p.client, 0) >= cap:
+                continue  # this client has its share: skip, keep walking
+            per_client[p.client] = per_client.get(p.client, 0) + 1
+            taken.append(p)
+            chosen.add(id(p))
+            longest = max(longest, p.length)
+        return taken
 
 
 @dataclass
@@ -136,6 +170,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rm-model")
         self._task: asyncio.Task | None = None
         self._model_slot = asyncio.Lock()
+        self._served_at: dict[str, int] = {}  # client -> last batch number that served it
+        self._batch_no = 0
         self._ema_batch_seconds = 0.0
 
     # -- admission (event loop) --------------------------------------------------------------
@@ -188,7 +224,13 @@ class Batcher:
             self._drop_expired()
             now = self.clock()
             if self.policy.ready(self.pending, now, len(self._in_flight)):
-                batch = self.policy.select(self.pending)
+                batch = self.policy.select(self.pending, self._fair_anchor())
+                self._batch_no += 1
+                for p in batch:
+                    self._served_at[p.client] = self._batch_no
+                if len(self._served_at) > 4 * self.max_queue:  # client ids come from clients
+                    live = {p.client for p in self.pending}
+                    self._served_at = {c: n for c, n in self._served_at.items() if c in live}
                 taken = set(map(id, batch))
                 self.pending = [p for p in self.pending if id(p) not in taken]
                 self._set_depth()
@@ -254,6 +296,10 @@ class Batcher:
         for sink, results in by_sink.values():
             if not sink.cancelled:
                 sink.deliver(results)
+
+    def _fair_anchor(self) -> Pending:
+        """The oldest sample of the client served least recently: clients take turns."""
+        return min(self.pending, key=lambda p: (self._served_at.get(p.client, 0), p.enqueued))
 
     def _drop_expired(self) -> None:
         now = self.clock()

@@ -219,3 +219,39 @@ def test_next_batch_forms_while_one_runs():
 
     formed, batches = run(main())
     assert formed == 2 and batches == [[1], [2, 2, 2, 2]]
+
+
+# -- fairness --------------------------------------------------------------------------------
+def test_fair_share_of_batch_slots():
+    """A client with 10x more queued work gets no more than its share while another waits."""
+    p = BatchPolicy(max_batch_size=8, max_batch_tokens=10**6, max_wait=0)
+    heavy = [Pending(f"a{i}", [1] * 10, Sink(), i, client="A") for i in range(40)]
+    light = [Pending(f"b{i}", [1] * 10, Sink(), 100 + i, client="B") for i in range(4)]
+    batch = p.select(heavy + light)
+    assert sum(x.client == "B" for x in batch) == 4 and len(batch) == 8
+    # Work-conserving: when B has only one sample, A fills the rest of the batch.
+    batch = p.select(heavy + light[:1])
+    assert len(batch) == 8 and sum(x.client == "B" for x in batch) == 1
+
+
+def test_flooding_client_does_not_starve_another():
+    async def main():
+        model = FakeModel(delay=0.005)
+        b = Batcher(model, BatchPolicy(8, 10**6, 0.0), max_queue=10_000)
+        b.start()
+        flood = UnarySink(400)
+        b.submit([Pending(f"a{i}", [1] * 5, flood, time.monotonic(), client="A")
+                  for i in range(400)])
+        await asyncio.sleep(0.02)
+        light = UnarySink(40)
+        b.submit([Pending(f"b{i}", [2] * 5, light, time.monotonic(), client="B")
+                  for i in range(40)])
+        await light.future
+        a_done = len(flood.results)
+        await flood.future
+        await b.stop()
+        return a_done
+
+    a_done = run(main())
+    # B's 40 samples finished while A had done only about as many, not all 400 first.
+    assert a_done <= 120

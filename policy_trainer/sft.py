@@ -1,0 +1,339 @@
+"""``policy-trainer sft``: supervised fine-tuning on demonstrations, stage 1 of RLHF.
+
+Next-token cross-entropy on the response tokens only, the prompt masked out, with the EOS
+appended to every response and trained on, so the policy learns to stop (Stiennon et al. 2020
+§3.4; Ouyang et al. 2022 §3.5). The loss of an optimizer step is the mean over all target
+tokens of its micro-batches: each micro-batch's summed loss is divided by the step's token
+count, so gradient accumulation gives the gradient of one big batch (averaging per-micro-batch
+means would over-weight short sequences).
+
+    policy-trainer sft --data demos.jsonl --base DIR --out DIR [--max-steps N] [--resume] ...
+
+Writes OUT/checkpoints/step-N/ (resumable), OUT/train_log.jsonl, and at the end the fine-tuned
+model and tokenizer in OUT (``save_pretrained``: loads with AutoModelForCausalLM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from policy_trainer import checkpoint
+from policy_trainer.data import (IGNORE_INDEX, Example, UserError, batch_indices, collate,
+                                 encode_demos, read_demos, split_eval)
+from rm_server.encoding import Encoder
+
+log = logging.getLogger("policy_trainer.sft")
+
+
+@dataclass
+class SFTConfig:
+    data: str
+    """Demonstrations JSONL: one {"prompt": str, "response": str} object per line."""
+    base: str
+    """Base causal LM directory (Hugging Face format, with its tokenizer)."""
+    out: str
+    """Output directory: final model + tokenizer, train_log.jsonl, checkpoints/step-N."""
+    max_length: int = 512
+    """Longest sequence in tokens (prompt + response + EOS)."""
+    truncation: Literal["left", "drop"] = "left"
+    """Over-long examples: "left" cuts the prompt from its start and keeps the response whole
+    (dropping the example if the response alone does not fit); "drop" drops them. Both counted."""
+    eval_fraction: float = 0.05
+    """Fraction of the demonstrations held out for the eval loss (0 for none)."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (batch size = micro_batch_size * grad_accum_steps)."""
+    epochs: float = 1.0
+    """Passes over the training split; ignored when --max-steps is set."""
+    max_steps: int | None = None
+    """Optimizer steps in total (sets the length of the lr schedule)."""
+    lr: float = 2e-5
+    """Peak learning rate of AdamW."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after the warm-up."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the lr up linearly from 0."""
+    min_lr_ratio: float = 0.0
+    """Learning rate at the end of the decay, as a fraction of --lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only (not to biases and norms, as in nanoGPT)."""
+    adam_beta1: float = 0.9
+    """AdamW β1."""
+    adam_beta2: float = 0.999
+    """AdamW β2."""
+    adam_eps: float = 1e-8
+    """AdamW ε."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 to turn clipping off)."""
+    eval_every: int = 100
+    """Evaluate every N steps (0: only at the end)."""
+    checkpoint_every: int = 500
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep (0 keeps all)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in OUT/checkpoints (start fresh if there is none)."""
+    strict: bool = False
+    """Make a malformed data line fatal instead of reporting and skipping it."""
+    progress: bool = True
+    """Show a progress bar (only when stderr is a terminal)."""
+    log_every: int = 10
+    """Log a line every N steps when the progress bar is off."""
+    seed: int = 0
+    """Seed for the eval split, data order and torch."""
+    device: str = "auto"
+    """torch device ("auto": cuda if available, else cpu)."""
+    torch_threads: int | None = None
+    """torch.set_num_threads for CPU runs (default: torch's choice)."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+    def validate(self) -> None:
+        positive = ("max_length", "micro_batch_size", "grad_accum_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UserError("--eval-fraction must be in [0, 1)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError("--max-steps must be >= 1")
+        if self.max_steps is None and self.epochs <= 0:
+            raise UserError("--epochs must be > 0")
+        if not 0.0 <= self.warmup_ratio <= 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError("--warmup-ratio and --min-lr-ratio must be in [0, 1]")
+
+
+# ---------------------------------------------------------------- pieces
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str,
+              min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for the ``step``-th optimizer step (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps  # the first step already moves (HF's starts at lr 0)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress)
+    return 1.0
+
+
+def build_optimizer(model, cfg: SFTConfig, total_steps: int):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    warmup = round(cfg.warmup_ratio * total_steps)
+    schedule = functools.partial(lr_lambda, warmup_steps=warmup, total_steps=total_steps,
+                                 schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of every target token: position t predicts token t+1."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()  # (B, T-1, V); fp32 for a stable log-softmax
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def num_targets(examples: list[Example]) -> int:
+    return sum(sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX) for ex in examples)
+
+
+def micro_batches(examples: list[Example], size: int, pad_id: int, device):
+    for i in range(0, len(examples), size):
+        yield {k: v.to(device) for k, v in collate(examples[i:i + size], pad_id).items()}
+
+
+def train_step(model, optimizer, examples: list[Example], cfg: SFTConfig, pad_id: int,
+               device) -> tuple[float, float, int]:
+    """One optimizer step over ``examples``; returns (loss, grad_norm, target tokens)."""
+    n_tokens = num_targets(examples)
+    total = 0.0
+    for batch in micro_batches(examples, cfg.micro_batch_size, pad_id, device):
+        loss_sum = token_loss_sum(model, batch)
+        (loss_sum / n_tokens).backward()
+        total += loss_sum.item()  # CPU-GPU sync, once per micro-batch
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # inf: measure only
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / n_tokens, grad_norm, n_tokens
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], cfg: SFTConfig, pad_id: int, device) -> float:
+    model.eval()
+    total = sum(token_loss_sum(model, b).item()
+                for b in micro_batches(examples, cfg.micro_batch_size, pad_id, device))
+    model.train()
+    return total / num_targets(examples)
+
+
+# ---------------------------------------------------------------- setup
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name}: {e}") from None
+
+
+def load_tokenizer_and_model(base: str, weights: Path | None, device):
+    if not Path(base).is_dir():
+        raise UserError(f"--base {base}: no such directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(weights or base, dtype=torch.float32)
+    except OSError as e:
+        raise UserError(f"cannot load a causal LM and tokenizer from {weights or base}: "
+                        f"{str(e).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer in {base} has no EOS token: SFT appends one to responses")
+    return tokenizer, model.to(device)
+
+
+def load_examples(cfg: SFTConfig, tokenizer, vocab_size: int):
+    demos = read_demos(cfg.data, strict=cfg.strict)
+    demos.report(log)
+    encoder = Encoder(tokenizer, cfg.max_length, vocab_size)
+    examples, stats = encode_demos(encoder, demos.records, tokenizer.eos_token_id, cfg.truncation)
+    if stats.dropped:
+        log.warning("%s: dropped %d over-long examples (lines %s%s)", cfg.data, stats.dropped,
+                    stats.dropped_lines[:10], "..." if stats.dropped > 10 else "")
+    if stats.truncated:
+        log.info("%s: cut the prompt of %d over-long examples from the left",
+                 cfg.data, stats.truncated)
+    if not examples:
+        raise UserError(f"{cfg.data}: no usable demonstrations")
+    counts = {"records": len(demos.records), "bad_lines": len(demos.bad),
+              "blank_lines": demos.blank,
+              "dropped": stats.dropped, "truncated": stats.truncated}
+    return examples, counts, demos.sha256
+
+
+def find_resume_point(cfg: SFTConfig, ckpt_root: Path) -> Path | None:
+    latest = checkpoint.latest_checkpoint(ckpt_root)
+    if latest is not None and not cfg.resume:
+        raise UserError(f"{ckpt_root} already holds checkpoints: pass --resume to continue, "
+                        "or choose another --out")
+    if cfg.resume and latest is None:
+        log.info("--resume: no checkpoint in %s, starting from the beginning", ckpt_root)
+    return latest
+
+
+def check_resume(state: dict, cfg: SFTConfig, data_sha256: str) -> None:
+    if state["data_sha256"] != data_sha256:
+        raise UserError(f"{cfg.data} changed since the checkpoint was written; "
+                        "resume needs the same data")
+    ignore = {"resume", "progress", "log_every", "torch_threads", "device"}
+    changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
+               if k not in ignore and getattr(cfg, k, v) != v}
+    if changed:
+        log.warning("resuming with a changed config (checkpoint -> now): %s", changed)
+
+
+# ---------------------------------------------------------------- the run
+
+def train_sft(cfg: SFTConfig) -> int:
+    cfg.validate()
+    hf_logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars drown the log
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
+    resume_from = find_resume_point(cfg, ckpt_root)
+
+    # 1. model, tokenizer and data (tokenized with the RM's Encoder)
+    tokenizer, model = load_tokenizer_and_model(cfg.base, resume_from, device)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:  # padding is masked by attention_mask and labels, so any id will do
+        pad_id = tokenizer.eos_token_id
+    examples, counts, data_sha256 = load_examples(cfg, tokenizer, model.config.vocab_size)
+    train_set, eval_set = split_eval(examples, cfg.eval_fraction, cfg.seed)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
+
+    # 2. optimizer, schedule and, on resume, their state, the RNG and the data cursor
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    step = cursor = 0
+    if resume_from is not None:
+        state = checkpoint.load_state(resume_from)
+        check_resume(state, cfg, data_sha256)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, cursor = state["step"], state["cursor"]
+        log.info("resumed from %s (step %d)", resume_from, step)
+    out.mkdir(parents=True, exist_ok=True)
+    train_log = checkpoint.TrainLog(out / "train_log.jsonl", step if resume_from else None)
+    train_log.write({"event": "start", "step": step, "total_steps": total_steps,
+                     "n_train": len(train_set), "n_eval": len(eval_set), **counts})
+
+    def save(step: int) -> None:
+        state = {"step": step, "cursor": cursor, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                 "config": dataclasses.asdict(cfg), "data_sha256": data_sha256}
+        checkpoint.save_checkpoint(ckpt_root, step, model, tokenizer, state, cfg.keep_checkpoints)
+
+    # 3. train: one optimizer step per batch of micro_batch_size * grad_accum_steps examples
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="sft", file=sys.stderr, dynamic_ncols=True,
+               disable=not (cfg.progress and sys.stderr.isatty()))
+    while step < total_steps:
+        t0 = time.perf_counter()
+        idx = batch_indices(len(train_set), cursor, cfg.batch_size, cfg.seed)
+        lr = scheduler.get_last_lr()[0]
+        loss, grad_norm, n_tokens = train_step(model, optimizer, [train_set[i] for i in idx],
+                                               cfg, pad_id, device)
+        scheduler.step()
+        step, cursor = step + 1, cursor + len(idx)
+        train_log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                         "tokens": n_tokens, "epoch": cursor / len(train_set),
+                         "step_s": time.perf_counter() - t0})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if bar.disable and cfg.log_every and step % cfg.log_every == 0:
+            log.info("step %d/%d loss %.4f lr %.2e", step, total_steps, loss, lr)
+        if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            eval_loss = evaluate(model, eval_set, cfg, pad_id, device)
+            train_log.write({"step": step, "eval_loss": eval_loss})
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save(step)
+    bar.close()
+
+    # 4. final eval, checkpoint and model
+    if eval_set:
+        eval_loss = evaluate(model, eval_set, cfg, pad_id, device)
+        train_log.write({"step": step, "eval_loss": eval_loss})
+        log.info("eval loss %.4f after %d steps", eval_loss, step)
+    if checkpoint.latest_checkpoint(ckpt_root) != ckpt_root / f"step-{step}":
+        save(step)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    train_log.close()
+    log.info("wrote the fine-tuned model to %s", out)
+    return 0

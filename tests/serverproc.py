@@ -22,6 +22,7 @@ class ServerProc:
     port: int
     metrics_port: int | None
     log_path: Path
+    health_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -81,10 +82,12 @@ def start_server(model_dir, *args: str, wait: bool = True, timeout: float = 90.0
             raise TimeoutError(f"server did not bind:\n{log_path.read_text()}")
         time.sleep(0.05)
     ports = json.loads(port_file.read_text())
-    server = ServerProc(proc, ports["port"], ports["metrics_port"], log_path)
+    server = ServerProc(proc, ports["port"], ports["metrics_port"], log_path,
+                        ports.get("health_port"))
     if wait:
+        probe = f"127.0.0.1:{server.health_port}" if server.health_port else server.address
         try:
-            wait_serving(server.address, max(1.0, end - time.monotonic()), proc)
+            wait_serving(probe, max(1.0, end - time.monotonic()), proc)
         except Exception:
             server.stop(signal.SIGKILL)
             raise RuntimeError(f"server never became SERVING:\n{server.log()}")

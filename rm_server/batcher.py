@@ -166,6 +166,7 @@ class Batcher:
         self.pending: list[Pending] = []
         self.stats = BatcherStats()
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # set when the queue has room (wakes waiting streams)
         self._in_flight: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rm-model")
         self._task: asyncio.Task | None = None
@@ -173,6 +174,7 @@ class Batcher:
         self._served_at: dict[str, int] = {}  # client -> last batch number that served it
         self._batch_no = 0
         self._ema_batch_seconds = 0.0
+        self._sec_per_token = 0.0  # running mean model seconds per padded token
 
     # -- admission (event loop) --------------------------------------------------------------
     def submit(self, items: list[Pending]) -> None:
@@ -185,6 +187,21 @@ class Batcher:
         self.pending.extend(items)
         self._set_depth()
         self._wake.set()
+
+    async def submit_when_room(self, items: list[Pending], timeout: float) -> None:
+        """Backpressure for streams: wait (up to ``timeout``) for room in the queue.
+
+        While a stream's reader waits here it reads no further requests, so HTTP/2 flow
+        control slows the sender down instead of the whole stream failing and resubmitting.
+        """
+        end = self.clock() + timeout
+        while len(self.pending) + len(items) > self.max_queue and self.clock() < end:
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), max(0.0, end - self.clock()))
+            except asyncio.TimeoutError:
+                break
+        self.submit(items)
 
     def cancel(self, sink: Sink) -> int:
         """Drop a call's queued samples (client cancelled or deadline passed)."""
@@ -259,12 +276,20 @@ class Batcher:
                 await self._score(batch)
 
     def _still_wanted(self, batch: list[Pending]) -> list[Pending]:
-        """Drop samples cancelled or expired while their batch waited for the model."""
-        now = self.clock()
-        expired = [p for p in batch if not p.dropped and p.deadline is not None
-                   and p.deadline <= now]
+        """Drop samples cancelled while their batch waited, and samples whose deadline passes
+        before this batch could finish (estimated from recent batches): a result nobody can
+        receive is not computed."""
+        live = [p for p in batch if not p.dropped]
+        if not live:
+            return []
+        finish = self.clock() + self.estimate_seconds(live)
+        expired = [p for p in live if p.deadline is not None and p.deadline <= finish]
         self._expire(expired)
-        return [p for p in batch if not p.dropped and (p.deadline is None or p.deadline > now)]
+        return [p for p in live if p.deadline is None or p.deadline > finish]
+
+    def estimate_seconds(self, batch: list[Pending]) -> float:
+        """Model time for ``batch`` from the running mean seconds per padded token."""
+        return self._sec_per_token * max(p.length for p in batch) * len(batch)
 
     async def _score(self, batch: list[Pending]) -> None:
         start = self.clock()
@@ -284,6 +309,9 @@ class Batcher:
         seconds = self.clock() - t0
         self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * seconds
         lengths = [p.length for p in batch]
+        per_token = seconds / (max(lengths) * len(lengths))
+        self._sec_per_token = (per_token if not self.stats.batches
+                               else 0.8 * self._sec_per_token + 0.2 * per_token)
         self.stats.batches += 1
         self.stats.samples += len(batch)
         self.stats.padded_tokens += max(lengths) * len(batch)
@@ -320,6 +348,8 @@ class Batcher:
                 sink.fail(DeadlineExceeded(f"{len(items)} sample(s) expired in the queue"), items)
 
     def _set_depth(self) -> None:
+        if len(self.pending) < self.max_queue:
+            self._room.set()
         if self.metrics:
             self.metrics.queue_depth.set(len(self.pending))
 

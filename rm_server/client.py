@@ -104,6 +104,7 @@ def channel_options() -> list[tuple[str, object]]:
         # Agreed with the server (rm_server/server.py): it allows pings every 10 s.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.ping_timeout_ms", 10_000),  # gRPC core waits for a ping ack this long (default 60 s)
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
@@ -116,7 +117,8 @@ class AsyncRewardClient:
                  tls: TLSConfig | None = None, timeout: float = 60.0,
                  stream_timeout: float = 600.0, max_attempts: int = 10,
                  backoff_base: float = 0.1, backoff_max: float = 4.0,
-                 client_id: str | None = None, keepalive_time_ms: int | None = None):
+                 client_id: str | None = None, keepalive_time_ms: int | None = None,
+                 keepalive_timeout_ms: int | None = None):
         if isinstance(targets, str):
             targets = [t for t in targets.split(",") if t]
         if not targets:
@@ -131,9 +133,12 @@ class AsyncRewardClient:
         if client_id:
             self.metadata.append(("x-client-id", client_id))
         options = channel_options()
-        if keepalive_time_ms:
-            options = [o for o in options if o[0] != "grpc.keepalive_time_ms"]
-            options.append(("grpc.keepalive_time_ms", keepalive_time_ms))
+        for key, value in (("grpc.keepalive_time_ms", keepalive_time_ms),
+                           ("grpc.http2.min_sent_ping_interval_without_data_ms", keepalive_time_ms),
+                           ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+                           ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms)):
+            if value:  # a faster ping must stay above the server's min ping interval (10 s)
+                options = [o for o in options if o[0] != key] + [(key, value)]
         creds = _channel_credentials(tls)
         if tls and tls.server_name:
             options.append(("grpc.ssl_target_name_override", tls.server_name))

@@ -68,6 +68,8 @@ class ServeConfig:
     """Queued samples at most; a request that does not fit is refused with UNAVAILABLE."""
     max_samples_per_request: int = 1024
     """Samples one ScoreRequest may carry."""
+    stream_admission_timeout_ms: float = 10_000
+    """On a stream, how long a request waits for room in a full queue (backpressure) before the stream ends UNAVAILABLE; unary calls are refused at once."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest gRPC message received or sent (RESOURCE_EXHAUSTED above it)."""
     max_concurrent_rpcs: int | None = 1024
@@ -88,6 +90,8 @@ class ServeConfig:
     """PEM CA bundle: require client certificates signed by it (mTLS)."""
     health_port: int | None = None
     """Extra plaintext port serving only grpc.health.v1 (for Kubernetes probes when TLS is on)."""
+    min_ping_interval_ms: int = 10_000
+    """Shortest client keepalive ping interval accepted (faster pings earn GOAWAY too_many_pings); the client library pings every 30 s."""
     log_level: str = "info"
     """Logging level: debug, info, warning, error."""
 
@@ -100,7 +104,8 @@ def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
         # 30 s; allow pings every 10 s so no client earns a GOAWAY too_many_pings.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", cfg.min_ping_interval_ms),
+        ("grpc.http2.min_time_between_pings_ms", cfg.min_ping_interval_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # Balanced clients re-resolve when connections age out, so new replicas get traffic.
@@ -154,7 +159,8 @@ class RewardServer:
         self.cfg = cfg
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
-        self.servicer = RewardServicer(None, cfg.max_samples_per_request, self.metrics)
+        self.servicer = RewardServicer(None, cfg.max_samples_per_request, self.metrics,
+                                       cfg.stream_admission_timeout_ms / 1000)
         self.stop_event = asyncio.Event()
         self.servers: list[grpc.aio.Server] = []
         self.port = self.metrics_port = self.health_port = None

@@ -100,10 +100,11 @@ class RewardServicer:
     """Score / ScoreStream / GetModelInfo over a model (set once loaded) and a batcher."""
 
     def __init__(self, batcher: Batcher | None, max_samples_per_request: int = 1024,
-                 metrics=None):
+                 metrics=None, stream_admission_timeout: float = 10.0):
         self.model = None  # set by the server once loaded and warmed up
         self.batcher = batcher
         self.max_samples = max_samples_per_request
+        self.stream_admission_timeout = stream_admission_timeout
         self.metrics = metrics
         self.info: pb.ModelInfo | None = None
 
@@ -112,8 +113,8 @@ class RewardServicer:
             raise NotReady("model is not loaded yet (or the server is draining)")
         return self.model
 
-    def admit(self, request: pb.ScoreRequest, sink, context, taken: set[str]) -> list[Pending]:
-        """Validate and encode every sample of a request, then queue them together."""
+    def prepare(self, request: pb.ScoreRequest, sink, context, taken: set[str]) -> list[Pending]:
+        """Validate and encode every sample of a request (InvalidArgument names id and field)."""
         model = self._require_model()
         if not request.samples:
             raise InvalidArgument("samples: empty request (1..N samples expected)")
@@ -139,7 +140,6 @@ class RewardServicer:
             except InputError as e:
                 raise InvalidArgument.for_sample(s.id, e.field, e.message) from None
             items.append(Pending(s.id, enc.ids, sink, now, deadline, client, enc.truncated))
-        self.batcher.submit(items)
         if self.metrics:
             self.metrics.truncated.inc(sum(p.truncated for p in items))
         return items
@@ -147,7 +147,7 @@ class RewardServicer:
     async def Score(self, raw: bytes, context) -> pb.ScoreResponse:
         request = parse(raw, pb.ScoreRequest)
         sink = UnarySink(len(request.samples))
-        self.admit(request, sink, context, set())
+        self.batcher.submit(self.prepare(request, sink, context, set()))  # full queue: refuse
         try:
             results = await sink.future
         except asyncio.CancelledError:  # client cancelled or deadline: drop queued samples
@@ -174,8 +174,13 @@ class RewardServicer:
         try:
             async for raw in raw_iterator:
                 request = parse(raw, pb.ScoreRequest)
-                items = self.admit(request, sink, context, sink.outstanding)
+                items = self.prepare(request, sink, context, sink.outstanding)
                 sink.outstanding.update(p.sample_id for p in items)
+                try:  # a full queue pushes back on the stream before refusing it
+                    await self.batcher.submit_when_room(items, self.stream_admission_timeout)
+                except Exception:
+                    sink.outstanding.difference_update(p.sample_id for p in items)
+                    raise
             sink.close_input()
         except asyncio.CancelledError:
             raise

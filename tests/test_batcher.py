@@ -255,3 +255,26 @@ def test_flooding_client_does_not_starve_another():
     a_done = run(main())
     # B's 40 samples finished while A had done only about as many, not all 400 first.
     assert a_done <= 120
+
+
+def test_sample_that_cannot_finish_before_its_deadline_is_not_computed():
+    """After one measured batch, a sample whose deadline is closer than the estimated model
+    time of its batch is refused with DEADLINE_EXCEEDED instead of computed."""
+    async def main():
+        model = FakeModel(delay=0.1)
+        b = Batcher(model, BatchPolicy(1, 4096, 0.0))
+        b.start()
+        first = UnarySink(1)
+        b.submit([Pending("warm", [1] * 10, first, time.monotonic())])
+        await first.future  # ~0.1 s for 10 tokens: the estimate is ~0.01 s per token
+        tight, roomy = Sink(), UnarySink(1)
+        now = time.monotonic()
+        b.submit([Pending("tight", [1] * 10, tight, now, deadline=now + 0.03)])
+        b.submit([Pending("roomy", [1] * 10, roomy, now, deadline=now + 5.0)])
+        await roomy.future
+        await b.stop()
+        return model, tight
+
+    model, tight = run(main())
+    assert model.batches == [[10], [10]]  # "tight" never reached the model
+    assert isinstance(tight.errors[0][0], DeadlineExceeded)

@@ -1,0 +1,64 @@
+"""The RM as a reward function (TRL GRPO's calling convention and plain Python), live server."""
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rm_server.encoding import Encoder, TextInput
+from rm_server.reward_fn import AsyncRemoteRewardFunction, RemoteRewardFunction
+from tests.serverproc import start_server
+
+
+@pytest.fixture(scope="module")
+def server(rm_dirs):
+    s = start_server(rm_dirs["gpt2"])
+    yield s
+    assert s.stop() == 0
+
+
+def hf_scores(model_dir, id_lists):
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([ids])).logits[0, 0].item() for ids in id_lists]
+
+
+def test_text_and_conversational_formats(server, rm_dirs):
+    tok = AutoTokenizer.from_pretrained(rm_dirs["gpt2"])
+    enc = Encoder(tok, 128, len(tok))
+    rm = RemoteRewardFunction(server.address, client_id="grpo")
+    try:
+        prompts = ["the movie was", "i watched this film and"] * 3
+        completions = [" great fun", " it was boring", " terrible", " wonderful", " ok", " bad"]
+        # TRL passes extra dataset columns as keyword arguments: they are accepted and ignored.
+        got = rm(prompts=prompts, completions=completions, completion_ids=None, label=[0] * 6)
+        want = hf_scores(rm_dirs["gpt2"], [enc.encode(TextInput(p, c)).ids
+                                           for p, c in zip(prompts, completions)])
+        assert got == pytest.approx(want, abs=1e-5) and len(set(got)) > 1
+        conv_p = [[{"role": "user", "content": "rate the film"}]] * 2
+        conv_c = [[{"role": "assistant", "content": "great acting"}],
+                  [{"role": "assistant", "content": "awful plot"}]]
+        conv = rm(prompts=conv_p, completions=conv_c)
+        ids = [tok.apply_chat_template(p + c, tokenize=True, return_dict=True)["input_ids"]
+               for p, c in zip(conv_p, conv_c)]
+        assert conv == pytest.approx(hf_scores(rm_dirs["gpt2"], ids), abs=1e-5)
+        with pytest.raises(ValueError):
+            rm(prompts=["a"], completions=["b", "c"])
+        with pytest.raises(TypeError):
+            rm(prompts=["a"], completions=[[{"role": "assistant", "content": "b"}]])
+    finally:
+        rm.close()
+
+
+def test_async_reward_function(server):
+    async def main():
+        f = AsyncRemoteRewardFunction(server.address)
+        try:
+            a = await f(["the movie was"] * 4, [" great", " bad", " great", " ok"])
+        finally:
+            await f.close()
+        return a
+
+    a = asyncio.run(main())
+    assert len(a) == 4 and a[0] == pytest.approx(a[2])

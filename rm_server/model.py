@@ -48,6 +48,35 @@ def last_token_index(ids: list[int], pad_token_id: int | None) -> int:
     return 0
 
 
+def prefix_groups(seqs: list[list[int]], pad_token_id: int | None, min_prefix: int
+                  ) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Split a batch into groups sharing a token prefix of >= ``min_prefix`` tokens, and the rest.
+
+    Each group is (shared length p, member indices), k >= 2; p is the group's longest common
+    prefix, cut so every member keeps its scored token (and at least one token) after it.
+    """
+    by_head: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(seqs):
+        if len(s) > min_prefix:
+            by_head.setdefault(tuple(s[:min_prefix]), []).append(i)
+    groups, shared = [], set()
+    for members in by_head.values():
+        if len(members) < 2:
+            continue
+        first = seqs[members[0]]
+        p = min(last_token_index(seqs[i], pad_token_id) for i in members)
+        for i in members[1:]:
+            s, q = seqs[i], 0
+            limit = min(p, len(s))
+            while q < limit and s[q] == first[q]:
+                q += 1
+            p = q
+        if p >= min_prefix:
+            groups.append((p, members))
+            shared.update(members)
+    return groups, [i for i in range(len(seqs)) if i not in shared]
+
+
 @dataclass(frozen=True)
 class FinalNorm:
     """What ``kernels.last_token_score`` needs to apply the backbone's final norm to one row."""
@@ -88,7 +117,8 @@ class RewardModel:
 
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_length: int | None = None, truncation: str = "left",
-                 name: str | None = None, force_forward: bool = False):
+                 name: str | None = None, force_forward: bool = False,
+                 prefix_sharing: bool = True, min_shared_prefix: int = 16):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         self.path = Path(path)
@@ -107,6 +137,7 @@ class RewardModel:
             raise ModelLoadError(f"{self.path} has num_labels={self.model.config.num_labels}; "
                                  "a reward model has one scalar output (num_labels=1)")
         self.name = name or self.path.resolve().name
+        self.prefix_sharing, self.min_shared_prefix = prefix_sharing, min_shared_prefix
         self.dtype, self.device = dtype, torch.device(device)
         self.pad_token_id = self.model.config.pad_token_id
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
@@ -167,18 +198,60 @@ class RewardModel:
 
     @torch.inference_mode()
     def score(self, seqs: list[list[int]]) -> list[float]:
-        """Rewards (fp32) for a batch of token-id sequences; runs on the model thread."""
+        """Rewards (fp32) for a batch of token-id sequences; runs on the model thread.
+
+        Samples that share a long token prefix (k responses to one prompt) run the prefix
+        once and their suffixes against its cached keys/values (``prefix_groups``).
+        """
+        groups, rest = ([], list(range(len(seqs))))
+        if self.prefix_sharing and self.scoring_path == "last-token":
+            groups, rest = prefix_groups(seqs, self.pad_token_id, self.min_shared_prefix)
+        out = [0.0] * len(seqs)
+        for prefix_len, members in groups:
+            for i, r in zip(members, self._score_shared([seqs[i] for i in members], prefix_len)):
+                out[i] = r
+        if rest:
+            for i, r in zip(rest, self._score_padded([seqs[i] for i in rest])):
+                out[i] = r
+        return out
+
+    def _score_padded(self, seqs: list[list[int]]) -> list[float]:
         ids, mask, index = (x.to(self.device) for x in self.collate(seqs))
         if self.scoring_path == "last-token":
             hidden = self._backbone(input_ids=ids, attention_mask=mask,
                                     use_cache=False).last_hidden_state  # (B, T, H)
-            n = self._final_norm
-            rewards = kernels.last_token_score(hidden, index, self._head.weight, self._head.bias,
-                                               n.kind, n.weight, n.bias, n.eps)  # (B, 1)
+            rewards = self._head_on_rows(hidden, index)
         else:
             logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, 1)
             rewards = logits.float()
         return rewards[:, 0].cpu().tolist()  # one device->host sync per batch
+
+    def _score_shared(self, seqs: list[list[int]], p: int) -> list[float]:
+        """Run ids[:p] (identical for all) once, then the k suffixes against its KV cache.
+
+        Suffixes are right-padded, their position ids continue from p, and the attention mask
+        covers prefix + suffix: each suffix token sees exactly what it sees in the full
+        sequence, so scores equal the unshared path (tested to fp32 tolerance).
+        """
+        k = len(seqs)
+        prefix = torch.tensor([seqs[0][:p]], device=self.device)  # (1, P)
+        cache = self._backbone(input_ids=prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(k)
+        ids, suffix_mask, _ = (x.to(self.device) for x in self.collate([s[p:] for s in seqs]))
+        s_len = ids.shape[1]
+        mask = torch.cat([torch.ones(k, p, dtype=suffix_mask.dtype, device=self.device),
+                          suffix_mask], dim=1)  # (k, P + S)
+        positions = torch.arange(p, p + s_len, device=self.device).expand(k, s_len)
+        hidden = self._backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True).last_hidden_state
+        index = torch.tensor([last_token_index(s, self.pad_token_id) - p for s in seqs],
+                             device=self.device)
+        return self._head_on_rows(hidden, index)[:, 0].cpu().tolist()
+
+    def _head_on_rows(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        n = self._final_norm
+        return kernels.last_token_score(hidden, index, self._head.weight, self._head.bias,
+                                        n.kind, n.weight, n.bias, n.eps)  # (B, 1)
 
     def warmup(self) -> None:
         """One small batch through the whole path (allocations, lazy init) before SERVING."""

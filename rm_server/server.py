@@ -58,6 +58,8 @@ class ServeConfig:
     """Longest input in tokens (default: the model's position limit / tokenizer max)."""
     truncation: Literal["left", "error"] = "left"
     """Over-long inputs: left = drop tokens from the start, keep the scored end (truncated=true); error = INVALID_ARGUMENT."""
+    prefix_sharing: bool = True
+    """Samples of a batch that share a token prefix (k responses to one prompt) run the prefix once (decoder RMs)."""
     max_batch_size: int = 32
     """A batch closes at this many samples."""
     max_batch_tokens: int = 8192
@@ -216,7 +218,8 @@ class RewardServer:
             import torch
             torch.set_num_threads(cfg.num_threads)
         model = await asyncio.to_thread(RewardModel, cfg.model, cfg.dtype, cfg.device,
-                                        cfg.max_length, cfg.truncation, cfg.model_name)
+                                        cfg.max_length, cfg.truncation, cfg.model_name,
+                                        prefix_sharing=cfg.prefix_sharing)
         await asyncio.to_thread(model.warmup)
         policy = BatchPolicy(cfg.max_batch_size, cfg.max_batch_tokens, cfg.max_wait_ms / 1000)
         batcher = Batcher(model.score, policy, cfg.max_queue, self.metrics)

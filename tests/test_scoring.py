@@ -163,3 +163,29 @@ def test_encoder_is_shared_with_training():
     ids, plen = enc.encode_text("a movie", " it was great")
     assert ids[:plen] == tok("a movie")["input_ids"]
     assert ids[plen:] == tok(" it was great", add_special_tokens=False)["input_ids"]
+
+
+# -- prefix-shared scoring -------------------------------------------------------------------
+def test_prefix_groups_split():
+    from rm_server.model import prefix_groups
+    p = list(range(10, 40))  # 30 shared tokens
+    seqs = [p + [50, 51], p + [52], p[:20] + [99] * 12, [1, 2, 3], p + [53, 54, 55]]
+    groups, rest = prefix_groups(seqs, pad_token_id=3, min_prefix=16)
+    assert groups == [(20, [0, 1, 2, 4])] and rest == [3]
+    # the shared part stops before any member's scored token (trailing pads are not scored)
+    groups, _ = prefix_groups([p + [3, 3], p + [60]], pad_token_id=3, min_prefix=16)
+    assert groups == [(29, [0, 1])]
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_prefix_shared_scores_equal_unshared(arch, rm_dirs, tokenizer):
+    rm = RewardModel(rm_dirs[arch])
+    rng = random.Random(3)
+    prompt = [rng.randrange(8, len(tokenizer)) for _ in range(48)]
+    seqs = [prompt + [rng.randrange(8, len(tokenizer)) for _ in range(rng.randint(1, 12))]
+            for _ in range(8)]
+    seqs += [[5, 6, 7], prompt + [tokenizer.eos_token_id, tokenizer.pad_token_id]]
+    shared = rm.score(seqs)
+    rm.prefix_sharing = False
+    assert shared == pytest.approx(rm.score(seqs), abs=1e-5)
+    assert_close(shared, hf_alone(rm_dirs[arch], seqs), 1e-5)

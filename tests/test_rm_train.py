@@ -318,3 +318,39 @@ def test_bar_synthetic_bt_preferences(tmp_path):
           f"Spearman {rho:.4f}, train {seconds:.0f} s")
     assert agreement >= bayes - 0.03
     assert rho >= 0.9
+
+
+def test_trained_scores_equal_what_the_running_server_returns(world, trained):
+    """Train equals serve: the scores written at the end of training for the eval pairs are the
+    scores a running `rm-server serve` returns for the same text/chat pairs, and GetModelInfo
+    reports the checkpoint's reward statistics."""
+    from rm_server.client import RewardClient, chat_sample, text_sample
+    from tests.serverproc import start_server
+
+    as_trained = [json.loads(x) for x in (trained / "eval_scores.jsonl").read_text().splitlines()]
+    stats = json.loads((trained / "reward_stats.json").read_text())
+    samples, expected = [], {}
+    for row in as_trained:
+        rec = world["eval_recs"][row["line"] - 1]
+        if "ranking" in rec or row["line"] in {e[0] for e in expected.values()}:
+            continue  # a ranking expands to several pairs: the text pairs above cover the path
+        for side in ("chosen", "rejected"):
+            sid = f"{row['line']}-{side}"
+            resp = rec[side]
+            samples.append(text_sample(sid, rec["prompt"], resp) if isinstance(resp, str)
+                           else chat_sample(sid, resp))
+            expected[sid] = (row["line"], row[f"r_{side}"])
+    server = start_server(trained)
+    try:
+        with RewardClient(server.address) as rm:
+            info = rm.model_info()
+            served = {r.id: r.reward for r in rm.score(samples)}
+    finally:
+        assert server.stop() == 0
+    assert any(s.WhichOneof("input") == "conversation" for s in samples)
+    assert len(served) == len(expected) >= 20
+    for sid, (_, want) in expected.items():
+        assert served[sid] == pytest.approx(want, abs=1e-5), sid
+    assert info.has_reward_stats
+    assert info.reward_mean == pytest.approx(stats["mean"], abs=1e-6)
+    assert info.reward_std == pytest.approx(stats["std"], abs=1e-6)

@@ -1,6 +1,7 @@
 """``policy-trainer``: the policy side of RLHF.
 
     policy-trainer sft --data demos.jsonl --base DIR --out DIR ...
+    policy-trainer ppo --policy DIR --rm HOST:PORT[,HOST:PORT...] --prompts prompts.jsonl --out DIR ...
 
 Each subcommand's flags are generated from its config dataclass (rm_server.cliargs), and only
 the module of the command being run is imported. Errors that are the user's (a missing file,
@@ -21,9 +22,8 @@ from rm_server.cliargs import add_dataclass_args, from_args
 COMMANDS = {
     "sft": ("policy_trainer.sft", "SFTConfig", "train_sft",
             "supervised fine-tuning on demonstrations (response tokens only)"),
-    # The PPO loop lands here with issue 5's second part, as one more line:
-    # "ppo": ("policy_trainer.ppo_loop", "PPOConfig", "train_ppo",
-    #         "PPO against a reward model served over gRPC"),
+    "ppo": ("policy_trainer.ppo_loop", "PPOConfig", "train_ppo",
+            "PPO against a reward model served over gRPC"),
 }
 
 

@@ -82,6 +82,8 @@ def token_sample(sample_id: str, ids: Sequence[int], prompt_length: int = 0) -> 
 
 def is_retryable(err: grpc.RpcError) -> bool:
     code = err.code()
+    if code == grpc.StatusCode.INTERNAL and err.details() == "Internal error from Core":
+        return True  # grpc.aio lost the status of a stream the server ended while we wrote
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in (err.details() or ""):
         return False  # message size: retrying cannot help
     return code in RETRYABLE
@@ -109,6 +111,11 @@ def channel_options() -> list[tuple[str, object]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
         ("grpc.enable_retries", 0),  # retries are ours: they resubmit streams too
+        # Reconnect soon after an outage: the default backoff grows to 120 s, so a channel can
+        # keep failing for minutes after the server is back.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 

@@ -90,6 +90,19 @@ def to_domain(sample: pb.Sample):
                                      "conversation, tokens)")
 
 
+def _encode_tokens(encoder, tokens: pb.TokenIds):
+    """Fast path for token ids: the range check in C (min/max) instead of a Python loop per id.
+
+    Returns None when the ids need the full check (empty, out of range, bad prompt_length),
+    so that the encoder raises its usual error naming the field.
+    """
+    ids = list(tokens.ids)
+    plen = tokens.prompt_length
+    if not ids or min(ids) < 0 or max(ids) >= encoder.vocab_size or not 0 <= plen <= len(ids):
+        return None
+    return encoder.truncate(ids, plen, "tokens.ids")
+
+
 def result_message(results) -> pb.ScoreResponse:
     return pb.ScoreResponse(results=[
         pb.ScoreResult(id=p.sample_id, reward=r, num_tokens=p.length, truncated=p.truncated)
@@ -125,21 +138,25 @@ class RewardServicer:
         remaining = context.time_remaining()
         deadline = now + remaining if remaining is not None else None
         client = dict(context.invocation_metadata() or ()).get("x-client-id", "")
+        encoder = model.encoder
         items, seen = [], set()
         for s in request.samples:
-            if not s.id:
+            sid = s.id
+            if not sid:
                 raise InvalidArgument("samples.id: empty sample id")
-            if len(s.id.encode()) > MAX_ID_BYTES:
+            if len(sid) * 4 > MAX_ID_BYTES and len(sid.encode()) > MAX_ID_BYTES:
                 raise InvalidArgument(f"samples.id: id longer than {MAX_ID_BYTES} bytes")
-            if s.id in seen or s.id in taken:
-                raise InvalidArgument.for_sample(s.id, "id", "duplicate id (ids must be unique "
+            if sid in seen or sid in taken:
+                raise InvalidArgument.for_sample(sid, "id", "duplicate id (ids must be unique "
                                                  "among the samples not answered yet)")
-            seen.add(s.id)
+            seen.add(sid)
             try:
-                enc = model.encoder.encode(to_domain(s))
+                enc = _encode_tokens(encoder, s.tokens) if s.HasField("tokens") else None
+                if enc is None:
+                    enc = encoder.encode(to_domain(s))
             except InputError as e:
-                raise InvalidArgument.for_sample(s.id, e.field, e.message) from None
-            items.append(Pending(s.id, enc.ids, sink, now, deadline, client, enc.truncated))
+                raise InvalidArgument.for_sample(sid, e.field, e.message) from None
+            items.append(Pending(sid, enc.ids, sink, now, deadline, client, enc.truncated))
         if self.metrics:
             self.metrics.truncated.inc(sum(p.truncated for p in items))
         return items
@@ -168,7 +185,8 @@ class RewardServicer:
                 yield result_message(item)
         finally:
             reader.cancel()
-            self.batcher.cancel(sink)
+            if self.batcher is not None:  # None while the model loads
+                self.batcher.cancel(sink)
 
     async def _read_stream(self, raw_iterator, sink: StreamSink, context) -> None:
         try:

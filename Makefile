@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test protos check-protos clean
+.PHONY: venv test demo protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q -ra
+
+# The whole RLHF pipeline on the synthetic world (README "The demo"); artifacts in out/demo.
+DEMO_OUT ?= out/demo
+demo: venv
+	$(PY) -m demo.run --out $(DEMO_OUT)
 
 # Regenerate the gRPC stubs from protos/reward.proto (tests fail when they are stale).
 protos: venv

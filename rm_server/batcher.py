@@ -161,6 +161,7 @@ class Batcher:
         self.score_fn = score_fn
         self.policy = policy
         self.max_queue = max_queue
+        self.stream_limit = max(1, max_queue // 2)  # streams' share of the queue (backpressure)
         self.metrics = metrics
         self.clock = clock
         self.pending: list[Pending] = []
@@ -193,9 +194,13 @@ class Batcher:
 
         While a stream's reader waits here it reads no further requests, so HTTP/2 flow
         control slows the sender down instead of the whole stream failing and resubmitting.
+        Streams may fill only half of the queue (``stream_limit``): waiting streams refill
+        every slot the moment it frees, and without headroom a unary caller would be refused
+        again and again. Half a queue is still many full batches of work.
         """
+        limit = self.stream_limit if len(items) <= self.stream_limit else self.max_queue
         end = self.clock() + timeout
-        while len(self.pending) + len(items) > self.max_queue and self.clock() < end:
+        while len(self.pending) + len(items) > limit and self.clock() < end:
             self._room.clear()
             try:
                 await asyncio.wait_for(self._room.wait(), max(0.0, end - self.clock()))
@@ -348,7 +353,7 @@ class Batcher:
                 sink.fail(DeadlineExceeded(f"{len(items)} sample(s) expired in the queue"), items)
 
     def _set_depth(self) -> None:
-        if len(self.pending) < self.max_queue:
+        if len(self.pending) < self.stream_limit:
             self._room.set()
         if self.metrics:
             self.metrics.queue_depth.set(len(self.pending))

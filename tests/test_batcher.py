@@ -278,3 +278,19 @@ def test_sample_that_cannot_finish_before_its_deadline_is_not_computed():
     model, tight = run(main())
     assert model.batches == [[10], [10]]  # "tight" never reached the model
     assert isinstance(tight.errors[0][0], DeadlineExceeded)
+
+
+def test_streams_fill_only_half_the_queue_leaving_room_for_unary_calls():
+    async def main():
+        b = Batcher(FakeModel(), BatchPolicy(8, 4096, 10.0), max_queue=20)  # model never runs
+        stream = Sink()
+        await b.submit_when_room([item(i, 3, sink=stream) for i in range(10)], timeout=1.0)
+        waiter = asyncio.ensure_future(
+            b.submit_when_room([item(i, 3, sink=stream) for i in range(10, 12)], timeout=0.2))
+        await asyncio.sleep(0.05)
+        b.submit([item(i, 3) for i in range(100, 110)])  # a unary request still fits
+        with pytest.raises(Overloaded):
+            await waiter  # the stream waited for room below its half, then was refused
+        return len(b.pending)
+
+    assert run(main()) == 20

@@ -25,40 +25,52 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics, auth_token: str | None = None):
         self.metrics = metrics
         self._expected = f"Bearer {auth_token}".encode() if auth_token else None
+        # Hot path: the wrapped handler of each method is built once (metadata is read from
+        # the call's context), and labelled metric children are looked up once.
+        self._handlers: dict[str, tuple[object, object]] = {}
+        self._durations: dict[str, object] = {}
+        self._counts: dict[tuple[str, str], object] = {}
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
+        cached = self._handlers.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         method = details.method[len(SERVICE_PREFIX):]
-        metadata = dict(details.invocation_metadata or ())
+        wrapped = handler
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, metadata),
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(handler.stream_stream, method, metadata),
+        elif handler.stream_stream:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        return handler
+        self._handlers[details.method] = (handler, wrapped)
+        return wrapped
 
-    def _check_auth(self, metadata: dict) -> None:
+    def _check_auth(self, context) -> None:
         if self._expected is None:
             return
-        got = metadata.get("authorization", "")
+        got = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                got = value  # the last one wins, as dict(metadata) did
         got = got.encode() if isinstance(got, str) else got
         if not hmac.compare_digest(got, self._expected):  # constant time
             raise Unauthenticated("missing or wrong bearer token")
 
-    def _wrap_unary(self, behavior, method, metadata):
+    def _wrap_unary(self, behavior, method):
         async def wrapped(request, context):
             start = time.perf_counter()
             self.metrics.inflight.inc()
             code = grpc.StatusCode.OK
             try:
-                self._check_auth(metadata)
+                self._check_auth(context)
                 return await behavior(request, context)
             except BaseException as exc:
                 code = status_of(exc, context)
@@ -67,13 +79,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(method, code, start)
         return wrapped
 
-    def _wrap_stream(self, behavior, method, metadata):
+    def _wrap_stream(self, behavior, method):
         async def wrapped(request_iterator, context):
             start = time.perf_counter()
             self.metrics.inflight.inc()
             code = grpc.StatusCode.OK
             try:
-                self._check_auth(metadata)
+                self._check_auth(context)
                 async for response in behavior(request_iterator, context):
                     yield response
             except BaseException as exc:
@@ -99,8 +111,15 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
     def _finish(self, method: str, code: grpc.StatusCode, start: float) -> None:
         self.metrics.inflight.dec()
-        self.metrics.requests.labels(method, code.name).inc()
-        self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)
+        count = self._counts.get((method, code.name))
+        if count is None:  # bounded: methods x status codes
+            count = self._counts[(method, code.name)] = self.metrics.requests.labels(
+                method, code.name)
+        count.inc()
+        duration = self._durations.get(method)
+        if duration is None:
+            duration = self._durations[method] = self.metrics.request_duration.labels(method)
+        duration.observe(time.perf_counter() - start)
 
 
 def status_of(exc: BaseException, context) -> grpc.StatusCode:

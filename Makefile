@@ -22,8 +22,9 @@ test: venv
 
 # The whole RLHF pipeline on the synthetic world (README "The demo"); artifacts in out/demo.
 DEMO_OUT ?= out/demo
+DEMO_ARGS ?=
 demo: venv
-	$(PY) -m demo.run --out $(DEMO_OUT)
+	$(PY) -m demo.run --out $(DEMO_OUT) $(DEMO_ARGS)
 
 # Regenerate the gRPC stubs from protos/reward.proto (tests fail when they are stale).
 protos: venv

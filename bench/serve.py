@@ -218,7 +218,7 @@ def ready(launched, timeout: float = 300.0) -> Server:
     server = Server(kind, proc, ports["port"], ports.get("metrics_port"), log)
     server.label = label
     if kind == "ours":
-        from tests.serverproc import wait_serving
+        from rm_server.launch import wait_serving
         wait_serving(server.address, max(1.0, end - time.monotonic()), proc)
     return server
 

@@ -74,7 +74,7 @@ class Stage:
 
 
 def start_rm_server(model: Path, out: Path, threads: int):
-    from tests.serverproc import start_server  # the same helper the tests use
+    from rm_server.launch import start_server
     return start_server(model, "--num-threads", str(max(1, threads // 2)),
                         "--max-batch-size", "64", "--model-name", "demo-rm")
 
@@ -141,6 +141,8 @@ def run(cfg: DemoConfig) -> int:
         "rm_samples_total", "rm_tokens_total", "rm_batch_size_sum", "rm_batch_size_count",
         "rm_padding_ratio_sum", "rm_padding_ratio_count", "rm_queue_wait_seconds_sum",
         "rm_queue_wait_seconds_count", "rm_inference_duration_seconds_sum")}
+    if cfg.overopt:
+        summary["overoptimization"] = report.overoptimization(ppo0)
     summary["stage_seconds"] = st.times
     summary["total_seconds"] = time.perf_counter() - st.t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from policy_trainer import cli, ppo_loop
 from policy_trainer.logprobs import ValueModel
 from tests import tiny
-from tests.serverproc import start_server, wait_serving
+from rm_server.launch import start_server, wait_serving
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
@@ -190,6 +190,24 @@ def test_stopped_and_resumed_run_matches_the_straight_run(runs, tmp_path, monkey
     assert [(r["prompt"], r["response"]) for r in rb] == [(r["prompt"], r["response"]) for r in ra]
     assert [r["score"] for r in rb] == pytest.approx([r["score"] for r in ra], abs=1e-5)
     for step in (1, 2):
+        for key in DETERMINISTIC:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_sequential_pipeline_gives_the_overlapped_runs_results(runs, tmp_path):
+    """--no-rm-overlap (bench/ppo.py's baseline) waits for each chunk's scores before the
+    reference forward and the next chunk: only the timing may differ from the straight run."""
+    args = list(runs["a_args"])
+    out = tmp_path / "sequential"
+    args[args.index("--out") + 1] = str(out)
+    assert cli.main(args + ["--no-rm-overlap", "--no-tensorboard"]) == 0
+    a, b = steps(runs["a"]), steps(out)
+    assert sorted(b) == [1, 2]
+    ra, rb = ([json.loads(ln) for ln in read(p / "rollouts.jsonl").splitlines()]
+              for p in (runs["a"], out))
+    assert [(r["prompt"], r["response"]) for r in rb] == [(r["prompt"], r["response"]) for r in ra]
+    for step in (1, 2):
+        assert b[step]["failed_samples"] == 0
         for key in DETERMINISTIC:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
 

@@ -34,7 +34,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from tests import test_deploy as deploy  # noqa: E402  (expression and metric helpers)
-from tests.serverproc import start_server, wait_serving  # noqa: E402
+from rm_server.launch import start_server, wait_serving  # noqa: E402
 
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 pytestmark = pytest.mark.skipif(

@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification
 from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc as pb_grpc
 from rm_server.client import AsyncRewardClient, ScoringError, token_sample
-from tests.serverproc import health_status, start_server
+from rm_server.launch import health_status, start_server
 
 N_UNIQUE = 300
 

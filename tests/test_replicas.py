@@ -9,7 +9,7 @@ import urllib.request
 
 from rm_server.client import RewardClient, text_sample
 from tests import tiny
-from tests.serverproc import start_server, wait_serving
+from rm_server.launch import start_server, wait_serving
 from tests.test_ppo_e2e import finish, ppo_args, steps, trainer
 
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rm_server.encoding import Encoder, TextInput
 from rm_server.reward_fn import AsyncRemoteRewardFunction, RemoteRewardFunction
-from tests.serverproc import start_server
+from rm_server.launch import start_server
 
 
 @pytest.fixture(scope="module")

@@ -325,7 +325,7 @@ def test_trained_scores_equal_what_the_running_server_returns(world, trained):
     scores a running `rm-server serve` returns for the same text/chat pairs, and GetModelInfo
     reports the checkpoint's reward statistics."""
     from rm_server.client import RewardClient, chat_sample, text_sample
-    from tests.serverproc import start_server
+    from rm_server.launch import start_server
 
     as_trained = [json.loads(x) for x in (trained / "eval_scores.jsonl").read_text().splitlines()]
     stats = json.loads((trained / "reward_stats.json").read_text())

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from rm_server.client import RewardClient, ScoringError, TLSConfig, text_sample
-from tests.serverproc import health_status, start_server
+from rm_server.launch import health_status, start_server
 
 TOKEN = "s3cret-token-value-42"
 

@@ -23,7 +23,7 @@ from protos import reward_pb2_grpc as pb_grpc
 from rm_server.client import (AsyncRewardClient, RewardClient, ScoringError, chat_sample,
                               text_sample, token_sample)
 from rm_server.encoding import Encoder, TextInput, tokenizer_fingerprint
-from tests.serverproc import health_status, start_server
+from rm_server.launch import health_status, start_server
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""Start a real ``rm-server serve`` subprocess on loopback and wait until it is SERVING."""
+"""Start a real ``rm-server serve`` subprocess on loopback and wait until it is SERVING.
+
+Used by the tests, the demo and the benchmarks (ports picked by the server, read back from
+``--port-file``)."""
 
 from __future__ import annotations
 
@@ -63,12 +66,13 @@ def wait_serving(address: str, timeout: float = 60.0, proc: subprocess.Popen | N
 
 
 def start_server(model_dir, *args: str, wait: bool = True, timeout: float = 90.0,
-                 env: dict | None = None) -> ServerProc:
-    """``rm-server serve --model DIR --port 0 --metrics-port 0`` plus ``args``."""
+                 env: dict | None = None, cpus: str | None = None) -> ServerProc:
+    """``rm-server serve --model DIR --port 0 --metrics-port 0`` plus ``args``; ``cpus`` pins
+    it with ``taskset -c`` (e.g. "1")."""
     tmp = Path(tempfile.mkdtemp(prefix="rmserver-"))
     port_file, log_path = tmp / "ports.json", tmp / "server.log"
-    cmd = [sys.executable, "-m", "rm_server.cli", "serve", "--model", str(model_dir),
-           "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
+    cmd = [*(["taskset", "-c", cpus] if cpus else []), sys.executable, "-m", "rm_server.cli",
+           "serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
            "--num-threads", "1", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(log_path, "w")

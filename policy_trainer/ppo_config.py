@@ -44,6 +44,10 @@ class PPOConfig:
     """Longest backoff in seconds between RM retries (exponential with full jitter below it)."""
     rm_chunk_size: int = 64
     """Samples per ScoreRequest message on a stream."""
+    rm_overlap: bool = True
+    """Score each generation chunk while the next one is generated and the reference runs;
+    --no-rm-overlap waits for every chunk's scores before going on (the strictly sequential
+    pipeline, for benchmarks and debugging; same results)."""
     max_failed_fraction: float = 0.5
     """Stop the run (exit 1) when more than this fraction of a step's rollouts finally failed to
     score."""

@@ -45,7 +45,7 @@ from policy_trainer.metrics import PHASES, PPOMetrics, StepLog
 from policy_trainer.ppo_config import PPOConfig
 from policy_trainer.ppo_setup import (Models, Prompts, check_policy_head, connect_rm, load_models,
                                       load_prompts)
-from policy_trainer.scoring import RMError, RMScorer, make_sample
+from policy_trainer.scoring import Collected, RMError, RMScorer, make_sample
 from policy_trainer.sft import build_optimizer, find_resume_point, pick_device
 
 __all__ = ["PPOConfig", "train_ppo"]
@@ -94,7 +94,7 @@ def generate_and_score(step: int, rows: list[int], m: Models, prompts: Prompts,
     """Steps 1-4 for this rank's ``rows`` -> (rollouts, scores (B,) NaN where failed, collected)."""
     gen_config = rollout.sampling_config(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                          cfg.top_p, m.stop_ids, m.pad_id)
-    chunks, all_ids = [], []
+    chunks, all_ids, got = [], [], Collected({}, {}, [])
     for c, start in enumerate(range(0, len(rows), cfg.generation_batch_size)):
         idx = rows[start: start + cfg.generation_batch_size]
         with timer("generate"):  # 1.
@@ -103,12 +103,15 @@ def generate_and_score(step: int, rows: list[int], m: Models, prompts: Prompts,
                                   rollout.step_seed(cfg.seed, step, d.rank, c), device)
         ids = [f"s{step}-r{d.rank}-{start + j}" for j in range(len(idx))]
         scorer.submit(rm_samples(ro, ids, mode, m, prompts))  # 2. out now, answered later
+        if not cfg.rm_overlap:  # sequential: wait for this chunk before doing anything else
+            with timer("score"):
+                got.merge(scorer.collect())
         with timer("reference"):  # 3. while the RM scores
             rollout_forwards(ro, m, cfg.temperature)
         chunks.append(ro)
         all_ids += ids
     with timer("score"):  # 4. only the time spent waiting on the RM
-        got = scorer.collect()
+        got.merge(scorer.collect())
     scores = torch.tensor([got.results[i].reward if i in got.results else math.nan
                            for i in all_ids], dtype=torch.float32, device=device)  # (B,)
     return rollout.concat(chunks, m.pad_id), scores, got

@@ -81,6 +81,11 @@ class Collected:
     failed: dict[str, str]
     latencies: list[float]  # per chunk
 
+    def merge(self, other: Collected) -> None:
+        self.results.update(other.results)
+        self.failed.update(other.failed)
+        self.latencies += other.latencies
+
 
 class RMScorer:
     """Background-thread client of the reward service (one per trainer process)."""

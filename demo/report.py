@@ -77,6 +77,12 @@ def print_summary(summary: dict) -> None:
               f"{m['rm_batch_size_sum'] / m['rm_batch_size_count']:.1f}, mean padding "
               f"{m['rm_padding_ratio_sum'] / max(1, m['rm_padding_ratio_count']):.0%}, mean queue wait "
               f"{1e3 * m['rm_queue_wait_seconds_sum'] / max(1, m['rm_queue_wait_seconds_count']):.1f} ms)")
+    o = summary.get("overoptimization")
+    if o:
+        print(f"beta = 0 over PPO steps (rollouts, 3-step means): gold peaked at "
+              f"{o['peak_gold']:+.2f} (step {o['peak_step']}, KL {o['peak_kl']:.1f}, RM "
+              f"{o['peak_score']:+.2f}) and ended at {o['final_gold']:+.2f} (KL "
+              f"{o['final_kl']:.1f}) while the RM score rose to {o['final_score']:+.2f}")
     print("\nsamples (held-out prompts):")
     for name in ("sft", "ppo", "ppo_beta0"):
         if name in pol:
@@ -130,3 +136,30 @@ def plots(out: Path, log: list[dict], log0: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(out / "overoptimization.png", dpi=100)
     plt.close(fig)
+
+
+def overoptimization(run: Path, window: int = 3) -> dict | None:
+    """Where the beta = 0 run's gold peaked and where it ended, with the RM score and KL there:
+    means over ``window`` consecutive steps of the logged rollouts (one step's 64 are noisy)."""
+    gold = gold_by_step(run / "rollouts.jsonl")
+    logs = {}
+    if (run / "train_log.jsonl").exists():
+        for line in (run / "train_log.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if "score" in r:
+                logs[r["step"]] = r
+    steps = [s for s in gold if s in logs]
+    if len(steps) < window:
+        return None
+
+    def mean_at(i: int) -> dict:
+        w = steps[i: i + window]
+        return {"step": w[-1], "gold": statistics.fmean(gold[s] for s in w),
+                "kl": statistics.fmean(logs[s]["kl"] for s in w),
+                "score": statistics.fmean(logs[s]["score"] for s in w)}
+
+    points = [mean_at(i) for i in range(len(steps) - window + 1)]
+    peak, last = max(points, key=lambda p: p["gold"]), points[-1]
+    return {"peak_step": peak["step"], "peak_gold": peak["gold"], "peak_kl": peak["kl"],
+            "peak_score": peak["score"], "final_gold": last["gold"], "final_kl": last["kl"],
+            "final_score": last["score"]}

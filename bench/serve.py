@@ -366,6 +366,8 @@ def run(args) -> list[dict]:
     client_cpus = parse_cpus(args.client_cpus)
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)  # threads started later (grpc's) inherit it
+    if args.client_idle:  # only cycles the servers leave (threads started later inherit it)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     rows = []
     limit = LimitWorker(args.server_cpus, args.threads)
     try:
@@ -605,6 +607,9 @@ def main() -> None:
     ap.add_argument("--server-cpus", default="0", help="taskset CPU list for servers and limit "
                     "('' = no pinning)")
     ap.add_argument("--client-cpus", default="1", help="CPU list for the load generator")
+    ap.add_argument("--client-idle", action="store_true",
+                    help="run the load generator under SCHED_IDLE: it takes only the CPU the "
+                         "servers leave, as trainers on other machines would")
     ap.add_argument("--server-args", default="", help="extra rm-server serve flags (all variants)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=[@ROOT] FLAGS",
                     help="one of our servers to measure (repeatable): a label, optionally a source "

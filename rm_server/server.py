@@ -65,7 +65,8 @@ class ServeConfig:
     max_batch_tokens: int = 8192
     """A batch closes at this padded cost (longest length x samples)."""
     max_wait_ms: float = 5.0
-    """A batch closes when its oldest sample has waited this long (model idle)."""
+    """A batch closes when its oldest sample has waited this long (model idle); not waited at
+    all while calls arrive further apart than this on average (no company to wait for)."""
     max_queue: int = 4096
     """Queued samples at most; a request that does not fit is refused with UNAVAILABLE."""
     max_samples_per_request: int = 1024

@@ -44,6 +44,45 @@ def test_closes_on_size_tokens_or_wait():
     assert not p.ready([item(i, 5) for i in range(4)], now=0, batches_in_flight=2)
 
 
+def test_no_wait_when_calls_arrive_further_apart_than_max_wait():
+    p = BatchPolicy(max_batch_size=4, max_batch_tokens=100, max_wait=0.01)
+    young = [item(0, 5)]
+    assert not p.ready(young, now=0.001, batches_in_flight=0, mean_gap=0.005)  # company likely
+    assert p.ready(young, now=0.001, batches_in_flight=0, mean_gap=0.05)  # none expected: go
+    assert not p.ready(young, now=0.001, batches_in_flight=1, mean_gap=0.05)  # model busy
+
+
+def test_lone_calls_skip_the_wait_and_bursts_still_batch():
+    """One caller at a time: after a few calls the batcher stops waiting max_wait for company.
+    A burst right after still goes out in full batches."""
+    async def main():
+        model = FakeModel(delay=0.0)
+        b = Batcher(model, BatchPolicy(8, 4096, 0.05), max_queue=1000)
+        b.start()
+        waits = []
+        for r in range(8):  # sequential calls, 60 ms apart (> max_wait 50 ms)
+            sink = UnarySink(1)
+            t = time.monotonic()
+            b.submit([Pending(f"a{r}", [1], sink, t)])
+            await sink.future
+            waits.append(time.monotonic() - t)
+            await asyncio.sleep(0.06)
+        sinks = []
+        for r in range(64):  # then a burst of 64 calls, 1 ms apart
+            sinks.append(UnarySink(1))
+            b.submit([Pending(f"b{r}", [2, 2], sinks[-1], time.monotonic())])
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*(s.future for s in sinks))
+        await b.stop()
+        return waits, model.batches
+
+    waits, batches = run(main())
+    assert min(waits[:1]) >= 0.045  # no history yet: the first call waits max_wait
+    assert max(waits[3:]) < 0.03  # the gaps are known to exceed max_wait: no waiting
+    burst = [bt for bt in batches if bt[0] == 2]
+    assert sum(map(len, burst)) == 64 and len(burst) <= 24  # batched, not one by one
+
+
 def test_select_respects_budgets_and_groups_by_length():
     p = BatchPolicy(max_batch_size=3, max_batch_tokens=10_000, max_wait=0)
     pending = [item(0, 50, t=0)] + [item(i, n, t=i) for i, n in

@@ -60,10 +60,11 @@ class ServeConfig:
     """Over-long inputs: left = drop tokens from the start, keep the scored end (truncated=true); error = INVALID_ARGUMENT."""
     prefix_sharing: bool = True
     """Samples of a batch that share a token prefix (k responses to one prompt) run the prefix once (decoder RMs)."""
-    max_batch_size: int = 32
-    """A batch closes at this many samples."""
-    max_batch_tokens: int = 8192
-    """A batch closes at this padded cost (longest length x samples)."""
+    max_batch_size: int | None = None
+    """A batch closes at this many samples (default: 32 on CUDA, 16 on CPU)."""
+    max_batch_tokens: int | None = None
+    """A batch closes at this padded cost, longest length x samples (default: 8192 on CUDA, 1024
+    on CPU, where larger batches gain nothing and pad more: bench/RESULTS.md)."""
     max_wait_ms: float = 5.0
     """A batch closes when its oldest sample has waited this long (model idle); not waited at
     all while calls arrive further apart than this on average (no company to wait for)."""
@@ -115,6 +116,28 @@ def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", 300_000),
         ("grpc.max_connection_age_grace_ms", 60_000),
     ]
+
+
+# device type -> (max_batch_size, max_batch_tokens) when not given. On 2 CPU cores a 30M Llama
+# peaks at batch 8-16 (64 tokens) and the padding of larger length-grouped batches costs more
+# than they gain (bench/RESULTS.md "Serving"); a GPU wants big batches.
+BATCH_DEFAULTS = {"cuda": (32, 8192), "cpu": (16, 1024)}
+
+
+def batch_policy(cfg: ServeConfig, device_type: str) -> BatchPolicy:
+    size, tokens = BATCH_DEFAULTS.get(device_type, BATCH_DEFAULTS["cuda"])
+    return BatchPolicy(cfg.max_batch_size or size, cfg.max_batch_tokens or tokens,
+                       cfg.max_wait_ms / 1000)
+
+
+def check_config(cfg: ServeConfig) -> None:
+    """Reject nonsensical numbers before anything loads (one line, exit 1)."""
+    for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if cfg.max_wait_ms < 0:
+        raise ValueError(f"--max-wait-ms must be >= 0 (got {cfg.max_wait_ms})")
 
 
 def _credentials(cfg: ServeConfig):
@@ -222,7 +245,7 @@ class RewardServer:
                                         cfg.max_length, cfg.truncation, cfg.model_name,
                                         prefix_sharing=cfg.prefix_sharing)
         await asyncio.to_thread(model.warmup)
-        policy = BatchPolicy(cfg.max_batch_size, cfg.max_batch_tokens, cfg.max_wait_ms / 1000)
+        policy = batch_policy(cfg, model.device.type)
         batcher = Batcher(model.score, policy, cfg.max_queue, self.metrics)
         batcher.start()
         self.servicer.batcher = batcher
@@ -282,6 +305,7 @@ def serve(cfg: ServeConfig) -> int:
         pass
     from rm_server.model import ModelLoadError
     try:
+        check_config(cfg)
         return asyncio.run(RewardServer(cfg).run())
     except (ModelLoadError, OSError, ValueError) as e:
         print(f"rm-server serve: error: {e}", file=sys.stderr)

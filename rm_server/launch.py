@@ -72,8 +72,8 @@ def start_server(model_dir, *args: str, wait: bool = True, timeout: float = 90.0
     tmp = Path(tempfile.mkdtemp(prefix="rmserver-"))
     port_file, log_path = tmp / "ports.json", tmp / "server.log"
     cmd = [*(["taskset", "-c", cpus] if cpus else []), sys.executable, "-m", "rm_server.cli",
-           "serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
-           "--num-threads", "1", *args]
+           "serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "0",
+           "--port-file", str(port_file), "--num-threads", "1", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)

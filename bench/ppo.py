@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def run(args) -> dict:
             got = {}
             for mode in order:
                 out = work / f"{mode}-{rep}"
-                subprocess.run(["rm", "-rf", str(out)], check=True)
+                shutil.rmtree(out, ignore_errors=True)
                 got[mode] = summarize(run_trainer(args, policy, prompts, server.address, out,
                                                   mode))
                 print(f"rep {rep} {mode:10s} " + "  ".join(

@@ -68,6 +68,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # the repo first: bench/kernels
 
 from common import (DEFAULT_CACHE, LENGTHS, MODELS, delta, ensure_model, median,  # noqa: E402
                     num_parameters, parse_cpus, percentile, sample_pool, scrape)
+from rm_server.launch import stop_process, wait_serving  # noqa: E402
 
 SERVICE = "/rlhf.reward.v1.RewardService/"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -153,13 +154,7 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout=30)
 
     def thread_cpu(self) -> dict[int, float]:
         """CPU seconds per thread id (utime + stime)."""
@@ -218,7 +213,6 @@ def ready(launched, timeout: float = 300.0) -> Server:
     server = Server(kind, proc, ports["port"], ports.get("metrics_port"), log)
     server.label = label
     if kind == "ours":
-        from rm_server.launch import wait_serving
         wait_serving(server.address, max(1.0, end - time.monotonic()), proc)
     return server
 
@@ -263,27 +257,21 @@ async def drive(address: str, mode: str, clients: int, requests: list, work: lis
         md = (("x-client-id", f"bench-{i}"),)
         mine = [requests[k] for k in work[i::clients]]
         warm = requests[work[i % len(work)]]
+        call = None
         if mode == "unary":
             score = ch.unary_unary(SERVICE + "Score",
                                    request_serializer=pb.ScoreRequest.SerializeToString,
                                    response_deserializer=pb.ScoreResponse.FromString)
-            await score(warm, timeout=timeout, metadata=md)
-            ready += 1
-            if ready == clients:
-                go.set()
-            await go.wait()
-            for req in mine:
-                t = time.perf_counter()
+
+            async def send(req) -> None:
                 await score(req, timeout=timeout, metadata=md)
-                latencies.append(time.perf_counter() - t)
-                samples += len(req.samples)
         else:
             stream = ch.stream_stream(SERVICE + "ScoreStream",
                                       request_serializer=pb.ScoreRequest.SerializeToString,
                                       response_deserializer=pb.ScoreResponse.FromString)
             call = stream(timeout=timeout, metadata=md)
 
-            async def one(req) -> None:
+            async def send(req) -> None:
                 await call.write(req)
                 got = 0
                 while got < len(req.samples):
@@ -292,16 +280,17 @@ async def drive(address: str, mode: str, clients: int, requests: list, work: lis
                         raise RuntimeError("stream ended early")
                     got += len(resp.results)
 
-            await one(warm)
-            ready += 1
-            if ready == clients:
-                go.set()
-            await go.wait()
-            for req in mine:
-                t = time.perf_counter()
-                await one(req)
-                latencies.append(time.perf_counter() - t)
-                samples += len(req.samples)
+        await send(warm)
+        ready += 1
+        if ready == clients:
+            go.set()
+        await go.wait()
+        for req in mine:
+            t = time.perf_counter()
+            await send(req)
+            latencies.append(time.perf_counter() - t)
+            samples += len(req.samples)
+        if call is not None:
             await call.done_writing()
             if await call.read() is not grpc.aio.EOF:
                 raise RuntimeError("unexpected response after the last request")

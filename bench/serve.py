@@ -35,7 +35,8 @@ unless --samples-per-request says otherwise.
 Pinning (default, for a 2-core machine): servers and the limit worker start unpinned (faster
 loading), then every thread is pinned to --server-cpus with `taskset -a -p`; the load generator
 runs on --client-cpus, so the clients' Python does not steal the model's core. Ours, naive and
-the limit get the same CPUs and --threads torch threads.
+the limit get the same CPUs and --threads torch threads; --naive-threads 1,2 runs the naive
+server at each thread count and compares ours with the best of them (each server at its best).
 
     python bench/serve.py --quick                         # rm-7m, short, unary, 1 and 64 clients
     python bench/serve.py --models rm-30m --mixes short   # one slice of the full sweep
@@ -191,7 +192,11 @@ def launch(kind: str, model_dir: Path, cpus: str | None, threads: int, extra: li
     # started unpinned (imports and loading go faster on all cores), pinned once ready
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                             cwd=root)
-    return label or kind, kind, proc, port_file, log
+    return label or kind, kind, proc, port_file, log, threads
+
+
+def naive_label(args, threads: int) -> str:
+    return "naive" if len(args.naive_threads) == 1 else f"naive-t{threads}"
 
 
 def pin(pid: int, cpus: str | None) -> None:
@@ -202,7 +207,7 @@ def pin(pid: int, cpus: str | None) -> None:
 
 
 def ready(launched, timeout: float = 300.0) -> Server:
-    label, kind, proc, port_file, log = launched
+    label, kind, proc, port_file, log, threads = launched
     end = time.monotonic() + timeout
     while not (port_file.exists() and port_file.read_text()):
         if proc.poll() is not None or time.monotonic() > end:
@@ -211,7 +216,7 @@ def ready(launched, timeout: float = 300.0) -> Server:
         time.sleep(0.05)
     ports = json.loads(port_file.read_text())
     server = Server(kind, proc, ports["port"], ports.get("metrics_port"), log)
-    server.label = label
+    server.label, server.threads = label, threads
     if kind == "ours":
         wait_serving(server.address, max(1.0, end - time.monotonic()), proc)
     return server
@@ -366,7 +371,8 @@ def run(args) -> list[dict]:
                                shlex.split(args.server_args) + flags, root, label)
                         for label, root, flags in args.variants]
             if not args.no_naive:
-                launched.append(launch("naive", model_dir, args.server_cpus, args.threads, []))
+                launched += [launch("naive", model_dir, args.server_cpus, t, [],
+                                    label=naive_label(args, t)) for t in args.naive_threads]
             limit.load(str(model_dir))  # the three processes load at the same time
             servers = {}
             try:
@@ -382,10 +388,10 @@ def run(args) -> list[dict]:
                 for mix in args.mixes:
                     rows += run_mix(args, limit, servers, model_name, model_dir, mix)
             finally:
-                for _, _, proc, _, _ in launched:
+                for _, _, proc, *_ in launched:
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGTERM)
-                for _, _, proc, _, _ in launched:
+                for _, _, proc, *_ in launched:
                     try:
                         proc.wait(30)
                     except subprocess.TimeoutExpired:
@@ -414,7 +420,8 @@ def run_mix(args, limit: LimitWorker, servers: dict, model_name: str, model_dir:
     requests = build_requests(pool, args.samples_per_request)
     points = [(mode, c) for c in args.clients for mode in args.modes]
     variants = [label for label, _, _ in args.variants]
-    kinds = ["limit", *variants] + (["naive"] if "naive" in servers else [])
+    naives = [k for k in servers if servers[k].kind == "naive"]
+    kinds = ["limit", *variants, *naives]
     results: dict = {p: {k: [] for k in kinds} for p in points}
     sweeps = []
     turn = 0
@@ -450,17 +457,21 @@ def run_mix(args, limit: LimitWorker, servers: dict, model_name: str, model_dir:
                     r["bs"] = best
                 else:
                     prof = None
-                    if args.profile_dir and kind != "naive":
+                    if args.profile_dir and kind not in naives:
                         prof = (Path(args.profile_dir)
                                 / f"{kind}-{model_name}-{mix}-{mode}-c{clients}-r{rep}.txt")
                     r = measure(servers[kind], mode, clients, requests, work, prof)
+                    r["threads"] = servers[kind].threads
                 results[(mode, clients)][kind].append(r)
                 print(f"[{model_name} {mix} rep {rep}] {mode:6s} c={clients:<3d} "
                       + _fmt(kind, r), file=sys.stderr, flush=True)
     rows = []
     best_all = [b for b, _ in sweeps]
     for (mode, clients), res in results.items():
-        lim, naive = res["limit"], res.get("naive", [])
+        lim = res["limit"]
+        # the naive server at its best thread count, per repetition
+        naive = [max((res[k][i] for k in naives), key=lambda r: r["rate"])
+                 for i in range(len(lim))] if naives else []
         for variant in variants:
             ours = res[variant]
             row = {
@@ -496,6 +507,7 @@ def run_mix(args, limit: LimitWorker, servers: dict, model_name: str, model_dir:
                     "naive_p50_ms": 1000 * median([r["p50"] for r in naive]),
                     "naive_p99_ms": 1000 * median([r["p99"] for r in naive]),
                     "naive_cpu_ms": median([r["cpu_ms"] for r in naive]),
+                    "naive_threads": [r["threads"] for r in naive],
                     "a_over_c": median([a["rate"] / c["rate"] for a, c in zip(ours, naive)]),
                     "a_over_c_cpu": median([c["cpu_ms"] / a["cpu_ms"]
                                             for a, c in zip(ours, naive)]),
@@ -593,6 +605,9 @@ def main() -> None:
     ap.add_argument("--whole-passes", action="store_true",
                     help="round every point's work up to whole passes over the pool")
     ap.add_argument("--threads", type=int, default=1, help="torch threads: servers and limit")
+    ap.add_argument("--naive-threads", default="",
+                    help="torch thread counts to run the naive server at (comma list; default "
+                    "--threads); a/c is against the best of them in each repetition")
     ap.add_argument("--server-cpus", default="0", help="taskset CPU list for servers and limit "
                     "('' = no pinning)")
     ap.add_argument("--client-cpus", default="1", help="CPU list for the load generator")
@@ -640,6 +655,7 @@ def main() -> None:
     args.modes = [m for m in args.modes.split(",") if m]
     args.clients = [int(c) for c in args.clients.split(",")]
     args.limit_batch_sizes = [int(b) for b in args.limit_batch_sizes.split(",")]
+    args.naive_threads = [int(t) for t in args.naive_threads.split(",") if t] or [args.threads]
     args.pool = {k: int(v) for k, v in (kv.split("=") for kv in args.pool.split(",") if kv)}
     t0 = time.perf_counter()
     rows = run(args)

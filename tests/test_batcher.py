@@ -260,6 +260,59 @@ def test_next_batch_forms_while_one_runs():
     assert formed == 2 and batches == [[1], [2, 2, 2, 2]]
 
 
+def test_next_batch_takes_its_samples_when_the_model_frees_up():
+    """Late binding: a batch due while the model is busy is chosen from the queue as it is when
+    the model frees up, so samples that arrived meanwhile can make a tighter length group."""
+    async def main():
+        model = FakeModel(delay=0.15)
+        b = Batcher(model, BatchPolicy(4, 4096, 0.0))
+        b.start()
+        sink = UnarySink(7)
+        b.submit([Pending("first", [1], UnarySink(1), time.monotonic())])
+        await asyncio.sleep(0.03)  # the model is busy with "first"
+        t = time.monotonic()
+        b.submit([Pending("a", [1] * 5, sink, t)]
+                 + [Pending(f"long{i}", [1] * 20, sink, t + 0.001) for i in range(3)])
+        await asyncio.sleep(0.03)  # a full batch is queued: the next batch is due
+        b.submit([Pending(f"short{i}", [1] * 5, sink, time.monotonic()) for i in range(3)])
+        await sink.future
+        await b.stop()
+        return model.batches
+
+    batches = run(main())
+    # early binding would have run [5, 20, 20, 20] then [5, 5, 5]: 45 more padded tokens
+    assert batches == [[1], [5, 5, 5, 5], [20, 20, 20]]
+
+
+def test_next_batch_starts_before_the_finished_calls_resume():
+    """The hand-off: once a batch's forward returns, the next batch goes to the model thread
+    before the finished batch's callers resume (their responses are built while it runs)."""
+    events = []
+
+    async def main():
+        b = Batcher(FakeModel(delay=0.05), BatchPolicy(2, 4096, 0.0))
+        submit = b._executor.submit
+        b._executor.submit = lambda fn, *a: (events.append(("forward", len(a[0]))),
+                                             submit(fn, *a))[1]
+        b.start()
+        first, second = UnarySink(2), UnarySink(2)
+
+        async def caller(name, sink):
+            await sink.future
+            events.append(("resumed", name))
+
+        b.submit([Pending(f"a{i}", [1], first, time.monotonic()) for i in range(2)])
+        waiting = [asyncio.ensure_future(caller("first", first))]
+        await asyncio.sleep(0.01)
+        b.submit([Pending(f"b{i}", [1, 1], second, time.monotonic()) for i in range(2)])
+        waiting.append(asyncio.ensure_future(caller("second", second)))
+        await asyncio.gather(*waiting)
+        await b.stop()
+
+    run(main())
+    assert events == [("forward", 2), ("forward", 2), ("resumed", "first"), ("resumed", "second")]
+
+
 # -- fairness --------------------------------------------------------------------------------
 def test_fair_share_of_batch_slots():
     """A client with 10x more queued work gets no more than its share while another waits."""

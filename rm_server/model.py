@@ -6,7 +6,11 @@ alone (the parity rule, tested per architecture):
 - "last-token" (decoder RMs: GPT-2, Llama, Qwen2/3, Mistral, GPT-NeoX): the backbone runs with
   its final norm replaced by identity, then ``kernels.last_token_score`` gathers the scored row
   of each sequence, applies the final norm and the score head to those B rows only (HF runs
-  norm and head over all B*T positions, then picks one row per sequence).
+  norm and head over all B*T positions, then picks one row per sequence). The last decoder
+  layer's MLP, too, runs on the B scored rows only (:class:`ScoredRowsMLP`): its output at any
+  other position feeds nothing (a causal model's later layers do not exist, the head reads
+  one row), while its attention still sees every position. That is 1/L of the MLP work, the
+  bulk of a layer (6% of a 6-layer 7M model's CPU time at 64 tokens).
 - "forward" (anything else, e.g. BERT/DeBERTa encoder RMs): the model's own forward.
 
 The scored position follows HF: the rightmost token whose id != pad_token_id (so when pad ==
@@ -19,6 +23,7 @@ else shares the batch (left padding would shift Llama's positions).
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +80,50 @@ def prefix_groups(seqs: list[list[int]], pad_token_id: int | None, min_prefix: i
             groups.append((p, members))
             shared.update(members)
     return groups, [i for i in range(len(seqs)) if i not in shared]
+
+
+class ScoredRowsMLP:
+    """Runs the last decoder layer's position-wise MLP on the scored rows only.
+
+    Installed over the MLP's ``forward`` (weights and state-dict keys untouched). Outside
+    :meth:`rows` it is the plain MLP. Inside, it gathers row ``index[b]`` of every sequence,
+    runs the MLP on those B rows and returns zeros elsewhere (those outputs feed nothing);
+    ``index=None`` (a shared prefix, whose last-layer output is never read) skips it.
+    """
+
+    _ALL = object()
+
+    def __init__(self, mlp: nn.Module):
+        self.mlp_forward = mlp.forward
+        self.index = self._ALL
+        mlp.forward = self.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is self._ALL:
+            return self.mlp_forward(x)
+        out = torch.zeros_like(x)
+        if self.index is not None:
+            b = torch.arange(x.shape[0], device=x.device)
+            out[b, self.index] = self.mlp_forward(x[b, self.index])
+        return out
+
+    @contextmanager
+    def rows(self, index: torch.Tensor | None):
+        self.index = index
+        try:
+            yield
+        finally:
+            self.index = self._ALL
+
+
+def last_layer_mlp(backbone: nn.Module) -> nn.Module | None:
+    """The MLP of a decoder backbone's last layer (``layers`` or GPT-2's ``h``), if any."""
+    for attr in ("layers", "h"):
+        layers = getattr(backbone, attr, None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            mlp = getattr(layers[-1], "mlp", None)
+            return mlp if isinstance(mlp, nn.Module) else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -148,6 +197,7 @@ class RewardModel:
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.architecture = type(self.model).__name__
         self._final_norm: FinalNorm | None = None
+        self._rows_mlp: ScoredRowsMLP | None = None
         self.scoring_path = "forward" if force_forward else self._setup_last_token()
         self.reward_stats = self._read_reward_stats()
 
@@ -173,7 +223,13 @@ class RewardModel:
         self._backbone, self._head, self._final_norm = backbone, head, final_norm
         self._norm_attr, self._norm_module = norm_attr, getattr(backbone, norm_attr)
         setattr(backbone, norm_attr, nn.Identity())
+        mlp = last_layer_mlp(backbone)
+        self._rows_mlp = ScoredRowsMLP(mlp) if mlp is not None else None
         return "last-token"
+
+    def _scored_rows(self, index: torch.Tensor | None):
+        """Within: the last layer's MLP runs on rows ``index`` only (None: on none)."""
+        return self._rows_mlp.rows(index) if self._rows_mlp is not None else nullcontext()
 
     def _read_reward_stats(self) -> dict | None:
         import json
@@ -218,8 +274,9 @@ class RewardModel:
     def _score_padded(self, seqs: list[list[int]]) -> list[float]:
         ids, mask, index = (x.to(self.device) for x in self.collate(seqs))
         if self.scoring_path == "last-token":
-            hidden = self._backbone(input_ids=ids, attention_mask=mask,
-                                    use_cache=False).last_hidden_state  # (B, T, H)
+            with self._scored_rows(index):
+                hidden = self._backbone(input_ids=ids, attention_mask=mask,
+                                        use_cache=False).last_hidden_state  # (B, T, H)
             rewards = self._head_on_rows(hidden, index)
         else:
             logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, 1)
@@ -235,17 +292,19 @@ class RewardModel:
         """
         k = len(seqs)
         prefix = torch.tensor([seqs[0][:p]], device=self.device)  # (1, P)
-        cache = self._backbone(input_ids=prefix, use_cache=True).past_key_values
+        with self._scored_rows(None):  # only the prefix's keys/values are read
+            cache = self._backbone(input_ids=prefix, use_cache=True).past_key_values
         cache.batch_repeat_interleave(k)
         ids, suffix_mask, _ = (x.to(self.device) for x in self.collate([s[p:] for s in seqs]))
         s_len = ids.shape[1]
         mask = torch.cat([torch.ones(k, p, dtype=suffix_mask.dtype, device=self.device),
                           suffix_mask], dim=1)  # (k, P + S)
         positions = torch.arange(p, p + s_len, device=self.device).expand(k, s_len)
-        hidden = self._backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True).last_hidden_state
         index = torch.tensor([last_token_index(s, self.pad_token_id) - p for s in seqs],
                              device=self.device)
+        with self._scored_rows(index):
+            hidden = self._backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    past_key_values=cache, use_cache=True).last_hidden_state
         return self._head_on_rows(hidden, index)[:, 0].cpu().tolist()
 
     def _head_on_rows(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,28 @@ def test_parity_with_hf_per_architecture(arch, rm_dirs, tokenizer):
     assert_close(rm.score(seqs), hf_alone(rm_dirs[arch], seqs), 1e-5)
 
 
+@pytest.mark.parametrize("arch", DECODERS)
+def test_last_layer_mlp_runs_on_scored_rows_only(arch, rm_dirs, tokenizer):
+    """The last layer's MLP sees one row per sequence (none for a shared prefix), and the
+    scores still equal HF's; the other layers' MLPs see every position."""
+    rm = RewardModel(rm_dirs[arch])
+    seen = []
+    inner = rm._rows_mlp.mlp_forward
+    rm._rows_mlp.mlp_forward = lambda x: (seen.append(tuple(x.shape[:-1])), inner(x))[1]
+    seqs = random_batch(len(tokenizer), n=5, seed=4)  # 6 sequences, padded to the longest
+    assert_close(rm.score(seqs), hf_alone(rm_dirs[arch], seqs), 1e-5)
+    assert seen == [(len(seqs),)]
+    layers = getattr(rm._backbone, "layers", None) or rm._backbone.h
+    first = []
+    hook = layers[0].mlp.register_forward_hook(lambda m, i, o: first.append(i[0].shape[:-1]))
+    seen.clear()
+    prompt = seqs[0] * 3  # > min_shared_prefix tokens: the k responses share it
+    rm.score([prompt + [9, 10], prompt + [11, 12, 13]])
+    hook.remove()
+    assert [tuple(s) for s in first] == [(1, len(prompt)), (2, 3)]  # prefix once, then suffixes
+    assert seen == [(2,)]  # the prefix's last-layer MLP skipped, the suffixes' scored rows
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_pad_equals_eos_skips_trailing_eos(arch, tmp_path):
     tok = tiny.train_tokenizer(pad="eos")

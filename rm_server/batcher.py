@@ -14,7 +14,7 @@ batch, the next one is due as soon as a full batch is queued, but it takes its s
 when the model frees up (late binding): by then the queue holds everything that arrived
 meanwhile, so the length grouping picks from more samples and pads less (64 closed-loop
 clients: a batch chosen from ~50 queued samples instead of the first ~13). The hand-off
-starts the next batch before the finished one's results are delivered. A partial batch waits
+starts the next batch before the finished batch's callers resume. A partial batch waits
 for the model to free up (more samples may arrive meanwhile, at no cost in latency). Samples
 are grouped by length around the oldest one (which is always taken, so nothing starves): on a
 2-core CPU, FIFO batches carried ~70% padding and ran slower than single requests (NOTES.md).

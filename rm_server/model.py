@@ -10,7 +10,7 @@ alone (the parity rule, tested per architecture):
   layer's MLP, too, runs on the B scored rows only (:class:`ScoredRowsMLP`): its output at any
   other position feeds nothing (a causal model's later layers do not exist, the head reads
   one row), while its attention still sees every position. That is 1/L of the MLP work, the
-  bulk of a layer (6% of a 6-layer 7M model's CPU time at 64 tokens).
+  bulk of a layer (8-9% of the CPU time of 6- and 8-layer RMs at 64 tokens, bench/RESULTS.md).
 - "forward" (anything else, e.g. BERT/DeBERTa encoder RMs): the model's own forward.
 
 The scored position follows HF: the rightmost token whose id != pad_token_id (so when pad ==

@@ -10,6 +10,10 @@ evaluation and the server all call :class:`Encoder` and nothing else:
   message, rendered with the generation prompt.
 - token ids: taken as they are, checked against the vocabulary.
 
+Prompts are tokenized once: k responses to one prompt (PPO, group sampling) share a cached
+prompt tokenization (text pairs: the prompt's ids; conversations: the templated length of all
+but the last message), an LRU of ``PROMPT_CACHE_SIZE`` prompts per encoder.
+
 Over-long inputs follow ``truncation``: "left" (default) drops tokens from the start and keeps
 the end, where the score is read (OpenRLHF cuts the right end and scores the wrong token);
 "error" refuses them.
@@ -17,12 +21,14 @@ the end, where the score is read (OpenRLHF cuts the right end and scores the wro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 TRUNCATION_POLICIES = ("left", "error")
+PROMPT_CACHE_SIZE = 4096
 
 
 class InputError(ValueError):
@@ -72,6 +78,8 @@ class Encoder:
         self.vocab_size = int(vocab_size)
         self.truncation = truncation
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self._prompt_ids = functools.lru_cache(PROMPT_CACHE_SIZE)(self._tokenize_prompt)
+        self._chat_prompt_length = functools.lru_cache(PROMPT_CACHE_SIZE)(self._template_length)
 
     def encode(self, item: TextInput | ChatInput | TokenInput) -> Encoded:
         if isinstance(item, TextInput):
@@ -90,9 +98,16 @@ class Encoder:
         return self.truncate(ids, prompt_length, where)
 
     def encode_text(self, prompt: str, response: str) -> tuple[list[int], int]:
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+        prompt_ids = self._prompt_ids(prompt) if prompt else ()
         response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
         return list(prompt_ids) + list(response_ids), len(prompt_ids)
+
+    def _tokenize_prompt(self, prompt: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def _template_length(self, messages: tuple[tuple[str, str], ...]) -> int:
+        chat = [{"role": r, "content": c} for r, c in messages]
+        return len(self._apply_template(chat, add_generation_prompt=True))
 
     def encode_chat(self, messages) -> tuple[list[int], int]:
         if not self.has_chat_template:
@@ -107,7 +122,7 @@ class Encoder:
         ids = self._apply_template(chat, add_generation_prompt=False)
         prompt_length = 0
         if len(chat) > 1:
-            prompt_length = len(self._apply_template(chat[:-1], add_generation_prompt=True))
+            prompt_length = self._chat_prompt_length(tuple(map(tuple, messages[:-1])))
         return ids, min(prompt_length, len(ids))
 
     def _apply_template(self, chat, add_generation_prompt: bool) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from google.protobuf.message import DecodeError
 
@@ -103,6 +104,18 @@ def _encode_tokens(encoder, tokens: pb.TokenIds):
     return encoder.truncate(ids, plen, "tokens.ids")
 
 
+def _encode_all(encoder, inputs) -> list[tuple[int, object]]:
+    """Tokenize (position, id, input) triples in order (on the tokenizer thread); the first
+    that fails raises InvalidArgument naming its id and field."""
+    out = []
+    for pos, sid, item in inputs:
+        try:
+            out.append((pos, encoder.encode(item)))
+        except InputError as e:
+            raise InvalidArgument.for_sample(sid, e.field, e.message) from None
+    return out
+
+
 def result_message(results) -> pb.ScoreResponse:
     return pb.ScoreResponse(results=[
         pb.ScoreResult(id=p.sample_id, reward=r, num_tokens=p.length, truncated=p.truncated)
@@ -120,14 +133,24 @@ class RewardServicer:
         self.stream_admission_timeout = stream_admission_timeout
         self.metrics = metrics
         self.info: pb.ModelInfo | None = None
+        # text and conversations are tokenized here, off the event loop; one thread, as a
+        # tokenizer's truncation/padding state is not safe to share between threads
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rm-tokenize")
 
     def _require_model(self):
         if self.model is None:
             raise NotReady("model is not loaded yet (or the server is draining)")
         return self.model
 
-    def prepare(self, request: pb.ScoreRequest, sink, context, taken: set[str]) -> list[Pending]:
-        """Validate and encode every sample of a request (InvalidArgument names id and field)."""
+    async def prepare(self, request: pb.ScoreRequest, sink, context,
+                      taken: set[str]) -> list[Pending]:
+        """Validate and encode every sample of a request (InvalidArgument names id and field).
+
+        Token ids are checked on the event loop (a C-speed range check); text and
+        conversations go to the tokenizer thread, so that a large text request does not stall
+        every other call (health included). The error reported is the first sample's in
+        request order, as if the samples were checked one by one.
+        """
         model = self._require_model()
         if not request.samples:
             raise InvalidArgument("samples: empty request (1..N samples expected)")
@@ -139,24 +162,42 @@ class RewardServicer:
         deadline = now + remaining if remaining is not None else None
         client = dict(context.invocation_metadata() or ()).get("x-client-id", "")
         encoder = model.encoder
-        items, seen = [], set()
+        encoded: list = []  # Encoded, or None until the tokenizer thread fills it
+        to_tokenize: list[tuple[int, str, object]] = []  # (position, id, domain input)
+        ids, seen, error = [], set(), None
         for s in request.samples:
             sid = s.id
-            if not sid:
-                raise InvalidArgument("samples.id: empty sample id")
-            if len(sid) * 4 > MAX_ID_BYTES and len(sid.encode()) > MAX_ID_BYTES:
-                raise InvalidArgument(f"samples.id: id longer than {MAX_ID_BYTES} bytes")
-            if sid in seen or sid in taken:
-                raise InvalidArgument.for_sample(sid, "id", "duplicate id (ids must be unique "
-                                                 "among the samples not answered yet)")
-            seen.add(sid)
             try:
-                enc = _encode_tokens(encoder, s.tokens) if s.HasField("tokens") else None
-                if enc is None:
-                    enc = encoder.encode(to_domain(s))
+                if not sid:
+                    raise InvalidArgument("samples.id: empty sample id")
+                if len(sid) * 4 > MAX_ID_BYTES and len(sid.encode()) > MAX_ID_BYTES:
+                    raise InvalidArgument(f"samples.id: id longer than {MAX_ID_BYTES} bytes")
+                if sid in seen or sid in taken:
+                    raise InvalidArgument.for_sample(sid, "id", "duplicate id (ids must be "
+                                                     "unique among the samples not answered yet)")
+                seen.add(sid)
+                enc = None
+                if s.HasField("tokens"):
+                    enc = _encode_tokens(encoder, s.tokens) or encoder.encode(to_domain(s))
+                else:
+                    to_tokenize.append((len(encoded), sid, to_domain(s)))
             except InputError as e:
-                raise InvalidArgument.for_sample(sid, e.field, e.message) from None
-            items.append(Pending(sid, enc.ids, sink, now, deadline, client, enc.truncated))
+                error = InvalidArgument.for_sample(sid, e.field, e.message)
+            except InvalidArgument as e:
+                error = e
+            if error is not None:
+                break  # samples before this one may still fail first, in the tokenizer thread
+            ids.append(sid)
+            encoded.append(enc)
+        if to_tokenize:
+            loop = asyncio.get_running_loop()
+            for pos, enc in await loop.run_in_executor(self._tokenizer_thread, _encode_all,
+                                                       encoder, to_tokenize):
+                encoded[pos] = enc
+        if error is not None:
+            raise error
+        items = [Pending(sid, enc.ids, sink, now, deadline, client, enc.truncated)
+                 for sid, enc in zip(ids, encoded)]
         if self.metrics:
             self.metrics.truncated.inc(sum(p.truncated for p in items))
         return items
@@ -164,7 +205,8 @@ class RewardServicer:
     async def Score(self, raw: bytes, context) -> pb.ScoreResponse:
         request = parse(raw, pb.ScoreRequest)
         sink = UnarySink(len(request.samples))
-        self.batcher.submit(self.prepare(request, sink, context, set()))  # full queue: refuse
+        items = await self.prepare(request, sink, context, set())
+        self.batcher.submit(items)  # full queue: refuse
         try:
             results = await sink.future
         except asyncio.CancelledError:  # client cancelled or deadline: drop queued samples
@@ -192,7 +234,7 @@ class RewardServicer:
         try:
             async for raw in raw_iterator:
                 request = parse(raw, pb.ScoreRequest)
-                items = self.prepare(request, sink, context, sink.outstanding)
+                items = await self.prepare(request, sink, context, sink.outstanding)
                 sink.outstanding.update(p.sample_id for p in items)
                 try:  # a full queue pushes back on the stream before refusing it
                     await self.batcher.submit_when_room(items, self.stream_admission_timeout)

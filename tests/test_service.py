@@ -1,0 +1,114 @@
+"""The servicer's request preparation in-process (no sockets): where tokenization runs, which
+error a request with several bad samples gets, and the encoder's prompt cache."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from protos import reward_pb2 as pb
+from rm_server.batcher import Batcher, BatchPolicy
+from rm_server.encoding import ChatInput, Encoder, TextInput
+from rm_server.errors import InvalidArgument
+from rm_server.service import RewardServicer, StreamSink
+
+
+class Context:
+    def time_remaining(self):
+        return None
+
+    def invocation_metadata(self):
+        return (("x-client-id", "t"),)
+
+
+class RecordingEncoder(Encoder):
+    """The real encoder, noting the thread each text or conversation is tokenized on."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.threads = []
+
+    def encode(self, item):
+        if not hasattr(item, "ids"):
+            self.threads.append(threading.current_thread().name)
+        return super().encode(item)
+
+
+class Model:
+    def __init__(self, tokenizer):
+        self.encoder = RecordingEncoder(tokenizer, 64, len(tokenizer))
+
+
+def text(sid, prompt, response):
+    return pb.Sample(id=sid, text=pb.TextPair(prompt=prompt, response=response))
+
+
+def tokens(sid, ids):
+    return pb.Sample(id=sid, tokens=pb.TokenIds(ids=ids))
+
+
+def prepare(tokenizer, *samples):
+    async def main():
+        svc = RewardServicer(Batcher(lambda seqs: [0.0] * len(seqs), BatchPolicy()))
+        svc.model = Model(tokenizer)
+        items = await svc.prepare(pb.ScoreRequest(samples=samples), StreamSink(), Context(), set())
+        return svc.model.encoder, items
+    return asyncio.run(main())
+
+
+def test_text_is_tokenized_off_the_event_loop(tokenizer):
+    enc, items = prepare(tokenizer, tokens("a", [5, 6, 7]), text("b", "q", " good"),
+                         text("c", "q", " bad"))
+    assert enc.threads and all(t.startswith("rm-tokenize") for t in enc.threads)
+    assert [p.sample_id for p in items] == ["a", "b", "c"]  # request order kept
+    assert items[0].ids == [5, 6, 7]
+    assert items[1].ids == enc.encode(TextInput("q", " good")).ids
+    assert items[2].ids == enc.encode(TextInput("q", " bad")).ids
+
+
+@pytest.mark.parametrize("samples, first_bad", [
+    # a bad text sample before a bad token sample: the text one is reported
+    ([text("t0", "", ""), tokens("k1", [10**9])], "'t0': text"),
+    # a bad token sample before a bad text sample: the token one
+    ([tokens("k0", [10**9]), text("t1", "", "")], "'k0': tokens.ids"),
+    # good text, then a duplicate id
+    ([text("x", "q", " a"), text("x", "q", " b")], "'x': id: duplicate"),
+])
+def test_first_bad_sample_in_request_order_is_reported(tokenizer, samples, first_bad):
+    with pytest.raises(InvalidArgument, match=first_bad):
+        prepare(tokenizer, *samples)
+
+
+class CountingTokenizer:
+    """Delegates to a real tokenizer, counting tokenizer and chat-template calls."""
+
+    def __init__(self, tok):
+        self.tok, self.calls, self.templates = tok, 0, 0
+        self.chat_template = tok.chat_template
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        return self.tok(*a, **kw)
+
+    def apply_chat_template(self, *a, **kw):
+        self.templates += 1
+        return self.tok.apply_chat_template(*a, **kw)
+
+
+def test_a_prompt_is_tokenized_once_for_its_k_responses(tokenizer):
+    counting = CountingTokenizer(tokenizer)
+    cached, plain = Encoder(counting, 64, len(tokenizer)), Encoder(tokenizer, 64, len(tokenizer))
+    responses = [" good", " bad", " fine", " awful"]
+    got = [cached.encode(TextInput("the movie was", r)) for r in responses]
+    assert counting.calls == 1 + len(responses)  # the prompt once, then each response
+    for g, r in zip(got, responses):
+        want = plain.encode(TextInput("the movie was", r))
+        assert (g.ids, g.prompt_length) == (want.ids, want.prompt_length)
+    history = (("system", "be brief"), ("user", "hi"))
+    chats = [cached.encode(ChatInput(history + (("assistant", r),))) for r in responses]
+    assert counting.templates == len(responses) + 1  # each full chat, the shared prompt once
+    for g, r in zip(chats, responses):
+        want = plain.encode(ChatInput(history + (("assistant", r),)))
+        assert (g.ids, g.prompt_length) == (want.ids, want.prompt_length) and g.prompt_length > 0

@@ -267,6 +267,7 @@ class RewardServer:
         await asyncio.gather(*(s.stop(cfg.grace_seconds) for s in self.servers))
         if self.servicer.batcher:
             await self.servicer.batcher.stop()
+        self.servicer.close()
         if self._httpd:
             self._httpd.shutdown()
         log.info("stopped")

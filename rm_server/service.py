@@ -104,6 +104,12 @@ def _encode_tokens(encoder, tokens: pb.TokenIds):
     return encoder.truncate(ids, plen, "tokens.ids")
 
 
+def _invalid(sid: str, e: InputError | InvalidArgument) -> InvalidArgument:
+    """The error a client sees for sample ``sid``: InvalidArgument naming its id and field."""
+    return e if isinstance(e, InvalidArgument) else InvalidArgument.for_sample(sid, e.field,
+                                                                               e.message)
+
+
 def _encode_all(encoder, inputs) -> list[tuple[int, object]]:
     """Tokenize (position, id, input) triples in order (on the tokenizer thread); the first
     that fails raises InvalidArgument naming its id and field."""
@@ -112,7 +118,7 @@ def _encode_all(encoder, inputs) -> list[tuple[int, object]]:
         try:
             out.append((pos, encoder.encode(item)))
         except InputError as e:
-            raise InvalidArgument.for_sample(sid, e.field, e.message) from None
+            raise _invalid(sid, e) from None
     return out
 
 
@@ -136,6 +142,10 @@ class RewardServicer:
         # text and conversations are tokenized here, off the event loop; one thread, as a
         # tokenizer's truncation/padding state is not safe to share between threads
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="rm-tokenize")
+
+    def close(self) -> None:
+        """Stop the tokenizer thread (after the servers stopped: no call is left to use it)."""
+        self._tokenizer_thread.shutdown(wait=True)
 
     def _require_model(self):
         if self.model is None:
@@ -181,11 +191,8 @@ class RewardServicer:
                     enc = _encode_tokens(encoder, s.tokens) or encoder.encode(to_domain(s))
                 else:
                     to_tokenize.append((len(encoded), sid, to_domain(s)))
-            except InputError as e:
-                error = InvalidArgument.for_sample(sid, e.field, e.message)
-            except InvalidArgument as e:
-                error = e
-            if error is not None:
+            except (InputError, InvalidArgument) as e:
+                error = _invalid(sid, e)
                 break  # samples before this one may still fail first, in the tokenizer thread
             ids.append(sid)
             encoded.append(enc)

@@ -41,6 +41,7 @@ server at each thread count and compares ours with the best of them (each server
     python bench/serve.py --quick                         # rm-7m, short, unary, 1 and 64 clients
     python bench/serve.py --models rm-30m --mixes short   # one slice of the full sweep
     python bench/serve.py --variant 'old=@/path/to/old/checkout' --variant 'new='
+    python bench/serve.py --compile ...                   # ours and the limit compiled
     python bench/serve.py --variant 'cpu=--max-batch-size 16 --max-batch-tokens 2048' ...
     python bench/serve.py --json-out a.json ...; python bench/serve.py --table a.json b.json
 
@@ -78,7 +79,7 @@ CLK = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------------------------
 # (b) the limit: a worker process pinned like the server, answering JSON lines on stdin
 # --------------------------------------------------------------------------------------------
-def limit_worker(threads: int) -> None:
+def limit_worker(threads: int, compile: bool = False) -> None:
     import torch
 
     out = os.fdopen(os.dup(1), "w", buffering=1)
@@ -90,7 +91,7 @@ def limit_worker(threads: int) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["model"] not in models:
-            m = RewardModel(cmd["model"])
+            m = RewardModel(cmd["model"], compile=compile)
             m.warmup()
             models[cmd["model"]] = m
         if cmd.get("load_only"):
@@ -114,9 +115,9 @@ def limit_worker(threads: int) -> None:
 
 
 class LimitWorker:
-    def __init__(self, cpus: str | None, threads: int):
+    def __init__(self, cpus: str | None, threads: int, compile: bool = False):
         cmd = [sys.executable, str(Path(__file__).resolve()),
-               "--limit-worker", "--threads", str(threads)]
+               "--limit-worker", "--threads", str(threads), *(["--compile"] if compile else [])]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
 
@@ -363,12 +364,14 @@ def run(args) -> list[dict]:
     if args.client_idle:  # only cycles the servers leave (threads started later inherit it)
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     rows = []
-    limit = LimitWorker(args.server_cpus, args.threads)
+    limit = LimitWorker(args.server_cpus, args.threads, args.compile)
+    compile_flag = ["--compile"] if args.compile else []
     try:
         for model_name in args.models:
             model_dir = ensure_model(model_name, args.cache)
             launched = [launch("ours", model_dir, args.server_cpus, args.threads,
-                               shlex.split(args.server_args) + flags, root, label)
+                               shlex.split(args.server_args) + compile_flag + flags, root,
+                               label)
                         for label, root, flags in args.variants]
             if not args.no_naive:
                 launched += [launch("naive", model_dir, args.server_cpus, t, [],
@@ -614,6 +617,9 @@ def main() -> None:
     ap.add_argument("--client-idle", action="store_true",
                     help="run the load generator under SCHED_IDLE: it takes only the CPU the "
                          "servers leave, as trainers on other machines would")
+    ap.add_argument("--compile", action="store_true",
+                    help="ours (rm-server serve --compile) and the limit run the model under "
+                    "torch.compile; the naive server stays eager HF, as simple RM servers run")
     ap.add_argument("--server-args", default="", help="extra rm-server serve flags (all variants)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=[@ROOT] FLAGS",
                     help="one of our servers to measure (repeatable): a label, optionally a source "
@@ -631,7 +637,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.limit_worker:
-        return limit_worker(args.threads)
+        return limit_worker(args.threads, args.compile)
     if args.table:
         rows = [r for p in args.table for r in json.loads(Path(p).read_text())["rows"]]
         print(point_table(rows) if args.by_point else table(rows))

@@ -13,6 +13,12 @@ alone (the parity rule, tested per architecture):
   bulk of a layer (8-9% of the CPU time of 6- and 8-layer RMs at 64 tokens, bench/RESULTS.md).
 - "forward" (anything else, e.g. BERT/DeBERTa encoder RMs): the model's own forward.
 
+``compile=True`` runs the padded batches through ``torch.compile`` (inductor, dynamic shapes)
+of the same module: it fuses the element-wise work between the matmuls (norms, rotary
+embeddings, SiLU, residual adds), which is memory-bound on a CPU and launch-bound on a GPU.
+:meth:`RewardModel.warmup` compiles every graph serving needs before the server says SERVING
+(see :meth:`RewardModel._compile`); the shared-prefix path stays eager.
+
 The scored position follows HF: the rightmost token whose id != pad_token_id (so when pad ==
 eos a trailing EOS is skipped and the token before it is scored); with no pad id, the last
 token. We compute it on each unpadded sequence, then right-pad the batch: causal attention
@@ -167,7 +173,8 @@ class RewardModel:
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_length: int | None = None, truncation: str = "left",
                  name: str | None = None, force_forward: bool = False,
-                 prefix_sharing: bool = True, min_shared_prefix: int = 16):
+                 prefix_sharing: bool = True, min_shared_prefix: int = 16,
+                 compile: bool = False):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         self.path = Path(path)
@@ -200,6 +207,9 @@ class RewardModel:
         self._rows_mlp: ScoredRowsMLP | None = None
         self.scoring_path = "forward" if force_forward else self._setup_last_token()
         self.reward_stats = self._read_reward_stats()
+        self.compiled = compile
+        self._padded_module = self._compile() if compile else (
+            self._backbone if self.scoring_path == "last-token" else self.model)
 
     def _max_length(self, requested: int | None) -> int:
         cfg = self.model.config
@@ -227,6 +237,18 @@ class RewardModel:
         self._rows_mlp = ScoredRowsMLP(mlp) if mlp is not None else None
         return "last-token"
 
+    def _compile(self) -> nn.Module:
+        """The padded path's module under ``torch.compile(dynamic=True)``.
+
+        Dynamic shapes give one graph for every batch size >= 2 and length >= 2; dynamo
+        specializes sizes 0 and 1, so a batch of one is a second graph, which warmup compiles,
+        and on the last-token path the batch is padded to length >= 2 (one pad column: causal
+        attention keeps the real tokens from seeing it) instead of a third graph. On the
+        forward path a one-token batch would compile once more, on its first use.
+        """
+        module = self._backbone if self.scoring_path == "last-token" else self.model
+        return torch.compile(module, dynamic=True)
+
     def _scored_rows(self, index: torch.Tensor | None):
         """Within: the last layer's MLP runs on rows ``index`` only (None: on none)."""
         return self._rows_mlp.rows(index) if self._rows_mlp is not None else nullcontext()
@@ -240,9 +262,10 @@ class RewardModel:
         stats = json.loads(p.read_text())
         return {"mean": float(stats["mean"]), "std": float(stats["std"])}
 
-    def collate(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def collate(self, seqs: list[list[int]], min_length: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-pad to (B, T) ids and mask; the scored index of each row, computed unpadded."""
-        t = max(len(s) for s in seqs)
+        t = max(min_length, max(len(s) for s in seqs))
         fill = self.pad_token_id if self.pad_token_id is not None else 0
         ids = torch.full((len(seqs), t), fill, dtype=torch.long)
         mask = torch.zeros((len(seqs), t), dtype=torch.long)
@@ -272,14 +295,16 @@ class RewardModel:
         return out
 
     def _score_padded(self, seqs: list[list[int]]) -> list[float]:
-        ids, mask, index = (x.to(self.device) for x in self.collate(seqs))
-        if self.scoring_path == "last-token":
+        last_token = self.scoring_path == "last-token"
+        min_length = 2 if self.compiled and last_token else 1  # see _compile
+        ids, mask, index = (x.to(self.device) for x in self.collate(seqs, min_length))
+        if last_token:
             with self._scored_rows(index):
-                hidden = self._backbone(input_ids=ids, attention_mask=mask,
-                                        use_cache=False).last_hidden_state  # (B, T, H)
+                hidden = self._padded_module(input_ids=ids, attention_mask=mask,
+                                             use_cache=False).last_hidden_state  # (B, T, H)
             rewards = self._head_on_rows(hidden, index)
         else:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, 1)
+            logits = self._padded_module(input_ids=ids, attention_mask=mask).logits  # (B, 1)
             rewards = logits.float()
         return rewards[:, 0].cpu().tolist()  # one device->host sync per batch
 
@@ -312,7 +337,23 @@ class RewardModel:
         return kernels.last_token_score(hidden, index, self._head.weight, self._head.bias,
                                         n.kind, n.weight, n.bias, n.eps)  # (B, 1)
 
+    @torch.inference_mode()  # as score(): dynamo guards on the grad mode
     def warmup(self) -> None:
-        """One small batch through the whole path (allocations, lazy init) before SERVING."""
+        """One small batch through the whole path (allocations, lazy init) before SERVING.
+
+        Compiled: also a batch of one, so both graphs exist before the first request (a
+        compile costs seconds to minutes; inductor caches it on disk for the next start).
+        """
         probe = self.encoder.encode_text("warm up", " the model")[0] or [0]
-        self.score([probe, probe[: max(1, len(probe) // 2)]])
+        batch = [probe + probe, probe]  # two rows of unequal length
+        if not self.compiled:
+            self.score([probe, probe[: max(1, len(probe) // 2)]])
+            return
+        try:
+            self._score_padded(batch[1:])  # the graph of a batch of one
+            self._score_padded(batch)  # the graph of every other batch
+            self.score(batch)
+        except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
+            msg = (str(e).strip().splitlines() or [""])[0]
+            raise ModelLoadError(f"--compile: torch.compile failed: {type(e).__name__}: "
+                                 f"{msg}") from e

@@ -61,7 +61,7 @@ class ServeConfig:
     prefix_sharing: bool = True
     """Samples of a batch that share a token prefix (k responses to one prompt) run the prefix once (decoder RMs)."""
     compile: bool = False
-    """torch.compile the model (inductor, dynamic shapes): 1.15-1.2x on CPU for a 7M RM (bench/RESULTS.md). Needs a C++ compiler (CPU) or Triton (CUDA); compiles before SERVING (about a minute for a small model on one core, seconds on a restart: inductor's on-disk cache)."""
+    """torch.compile the model (inductor, dynamic shapes): a 7M RM served 1.1-1.15x faster on CPU (bench/RESULTS.md). Needs a C++ compiler (CPU) or Triton (CUDA); compiles before SERVING (about a minute for a small model on one core, seconds on a restart: inductor's on-disk cache)."""
     max_batch_size: int | None = None
     """A batch closes at this many samples (default: 32 on CUDA, 16 on CPU)."""
     max_batch_tokens: int | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,16 +27,25 @@ class ServerProc:
     metrics_port: int | None
     log_path: Path
     health_port: int | None = None
+    final_log: str | None = None  # the log, kept in memory once stop() removed its directory
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def log(self) -> str:
+        if self.final_log is not None:
+            return self.final_log
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
-        return stop_process(self.proc, sig, timeout)
+        """Stop the server (see :func:`stop_process`) and remove its temporary directory; the
+        log stays readable through :meth:`log`."""
+        code = stop_process(self.proc, sig, timeout)
+        if self.final_log is None:
+            self.final_log = self.log()
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)
+        return code
 
 
 def stop_process(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -21,11 +21,18 @@ def graphs() -> int:
 
 @pytest.fixture(scope="module")
 def compiled(rm_dirs):
-    rm = RewardModel(rm_dirs["llama"], compile=True)
-    before = graphs()
-    rm.warmup()
-    assert graphs() > before, "warmup compiled nothing"
-    return rm
+    # One thread, as the servers here run (start_server: --num-threads 1): inductor's CPU code
+    # depends on the thread count, so the server's start below compiles from this one's cache.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rm = RewardModel(rm_dirs["llama"], compile=True)
+        before = graphs()
+        rm.warmup()
+        assert graphs() > before, "warmup compiled nothing"
+        yield rm
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_compiled_scores_equal_hf_and_nothing_compiles_after_warmup(compiled, rm_dirs,

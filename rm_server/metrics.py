@@ -39,6 +39,9 @@ class Metrics:
         self.padding_ratio = Histogram("rm_padding_ratio", "Fraction of a batch that is padding",
                                        buckets=RATIO_BUCKETS, registry=r)
         self.queue_depth = Gauge("rm_queue_depth", "Samples waiting in the queue", registry=r)
+        self.queue_capacity = Gauge("rm_queue_capacity", "Samples the queue holds at most "
+                                    "(--max-queue); past it requests are refused with UNAVAILABLE",
+                                    registry=r)
         self.inflight = Gauge("rm_inflight_requests", "RPCs being handled", registry=r)
         self.rejected = Counter("rm_rejected", "Refused or dropped before the model, by reason (queue_full, deadline, cancelled: samples; others: requests)",
                                 ["reason"], registry=r)

@@ -186,6 +186,7 @@ class RewardServer:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.metrics = Metrics()
+        self.metrics.queue_capacity.set(cfg.max_queue)
         self.health = health.aio.HealthServicer()
         self.servicer = RewardServicer(None, cfg.max_samples_per_request, self.metrics,
                                        cfg.stream_admission_timeout_ms / 1000)

@@ -239,7 +239,7 @@ def test_deadline_and_metrics_codes(server, stub):
     assert d("rm_rejected_total{reason=invalid}") == 1
     for family in ("rm_request_duration_seconds_count{method=Score}", "rm_queue_depth",
                    "rm_inflight_requests", "rm_inference_duration_seconds_count",
-                   "rm_batch_tokens_count", "rm_padding_ratio_count",
+                   "rm_batch_tokens_count", "rm_padding_ratio_count", "rm_queue_capacity",
                    "rm_build_info{model=llama,version=0.1.0}"):
         assert family in after, family
     assert after["rm_queue_depth"] == 0 and after["rm_inflight_requests"] == 0
@@ -271,6 +271,7 @@ def test_sync_client_and_overload(model_dir):
         asyncio.run(raw())
         refused = [c for c in codes if c != "OK"]
         assert refused and "OK" in codes
+        assert scrape(s)["rm_queue_capacity"] == 8  # what RMQueueNearFull divides by
         assert all(c == grpc.StatusCode.UNAVAILABLE and ms for c, ms in refused)
 
         with RewardClient(s.address, backoff_base=0.02) as rm:

@@ -208,8 +208,8 @@ class RewardModel:
         self.scoring_path = "forward" if force_forward else self._setup_last_token()
         self.reward_stats = self._read_reward_stats()
         self.compiled = compile
-        self._padded_module = self._compile() if compile else (
-            self._backbone if self.scoring_path == "last-token" else self.model)
+        module = self._backbone if self.scoring_path == "last-token" else self.model
+        self._padded_module = self._compile(module) if compile else module
 
     def _max_length(self, requested: int | None) -> int:
         cfg = self.model.config
@@ -237,7 +237,7 @@ class RewardModel:
         self._rows_mlp = ScoredRowsMLP(mlp) if mlp is not None else None
         return "last-token"
 
-    def _compile(self) -> nn.Module:
+    def _compile(self, module: nn.Module) -> nn.Module:
         """The padded path's module under ``torch.compile(dynamic=True)``.
 
         Dynamic shapes give one graph for every batch size >= 2 and length >= 2; dynamo
@@ -246,7 +246,6 @@ class RewardModel:
         attention keeps the real tokens from seeing it) instead of a third graph. On the
         forward path a one-token batch would compile once more, on its first use.
         """
-        module = self._backbone if self.scoring_path == "last-token" else self.model
         return torch.compile(module, dynamic=True)
 
     def _scored_rows(self, index: torch.Tensor | None):
@@ -341,18 +340,17 @@ class RewardModel:
     def warmup(self) -> None:
         """One small batch through the whole path (allocations, lazy init) before SERVING.
 
-        Compiled: also a batch of one, so both graphs exist before the first request (a
-        compile costs seconds to minutes; inductor caches it on disk for the next start).
+        Compiled: the padded path's two graphs instead, a batch of one and one of two rows
+        of unequal length, so both exist before the first request (a compile costs seconds to
+        minutes; inductor caches it on disk for the next start).
         """
         probe = self.encoder.encode_text("warm up", " the model")[0] or [0]
-        batch = [probe + probe, probe]  # two rows of unequal length
         if not self.compiled:
             self.score([probe, probe[: max(1, len(probe) // 2)]])
             return
         try:
-            self._score_padded(batch[1:])  # the graph of a batch of one
-            self._score_padded(batch)  # the graph of every other batch
-            self.score(batch)
+            self._score_padded([probe])
+            self._score_padded([probe + probe, probe])
         except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
             msg = (str(e).strip().splitlines() or [""])[0]
             raise ModelLoadError(f"--compile: torch.compile failed: {type(e).__name__}: "

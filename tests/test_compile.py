@@ -66,7 +66,7 @@ def test_compiled_path_runs_the_compiled_module(compiled, rm_dirs):
 
 
 def test_compile_failure_is_one_clear_load_error(rm_dirs, monkeypatch):
-    def broken(self):
+    def broken(self, module):
         def run(**kw):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
         return run

@@ -137,6 +137,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens; the response and its EOS are trained on
     truncated: bool = False
+    no_context: bool = False  # no prompt and no BOS: the first response token is not trained
 
 
 @dataclass
@@ -145,6 +146,23 @@ class EncodeStats:
     truncated: int = 0  # prompt cut from the left to fit max_length
     dropped: int = 0    # too long to train on (see encode_demo)
     dropped_lines: list[int] = field(default_factory=list)
+    no_context: int = 0  # empty prompt and no BOS: the first response token is not trained
+
+
+def empty_prompt_ids(tokenizer) -> list[int]:
+    """What an empty prompt becomes: the context the first response token is predicted from.
+
+    The Encoder tokenizes a prompt with the tokenizer's special tokens, but an empty prompt with
+    none at all (``encode_text`` skips it), which would leave the first response token with no
+    position to be predicted from. So: the special tokens the tokenizer puts around any text
+    (Llama's BOS: the same rule as for a non-empty prompt), or, when it adds none to text
+    (GPT-2), its BOS token, the token ``generate()`` starts from when given no input. A
+    tokenizer with neither gives [] and the first response token cannot be trained.
+    """
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]
+    return ids
 
 
 def encode_demo(encoder: Encoder, demo: Demo, eos_token_id: int,
@@ -157,8 +175,15 @@ def encode_demo(encoder: Encoder, demo: Demo, eos_token_id: int,
     to at least one prompt token is dropped (None). With ``truncation="drop"`` every over-long
     example is dropped. The response is never cut: a cut response would lose its EOS and teach
     the policy not to stop.
+
+    An empty prompt becomes :func:`empty_prompt_ids` (BOS), so the first response token is
+    trained like any other; with a tokenizer that has no BOS it is not (its label is masked:
+    nothing precedes it) and ``Example.no_context`` says so.
     """
     ids, prompt_length = encoder.encode_text(demo.prompt, demo.response)
+    if prompt_length == 0:
+        context = empty_prompt_ids(encoder.tokenizer)
+        ids, prompt_length = context + ids, len(context)
     ids = ids + [eos_token_id]
     response_length = len(ids) - prompt_length
     truncated = False
@@ -170,7 +195,9 @@ def encode_demo(encoder: Encoder, demo: Demo, eos_token_id: int,
         cut = len(ids) - encoder.max_length
         ids, prompt_length, truncated = ids[cut:], prompt_length - cut, True
     labels = [IGNORE_INDEX] * prompt_length + ids[prompt_length:]
-    return Example(ids, labels, truncated)
+    if prompt_length == 0:  # position 0 predicts nothing before it: say so in the labels
+        labels[0] = IGNORE_INDEX
+    return Example(ids, labels, truncated, no_context=prompt_length == 0)
 
 
 def encode_demos(encoder: Encoder, demos: list[Demo], eos_token_id: int,
@@ -183,6 +210,7 @@ def encode_demos(encoder: Encoder, demos: list[Demo], eos_token_id: int,
             stats.dropped_lines.append(demo.line)
             continue
         stats.truncated += ex.truncated
+        stats.no_context += ex.no_context
         examples.append(ex)
     stats.examples = len(examples)
     return examples, stats

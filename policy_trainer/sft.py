@@ -5,7 +5,9 @@ appended to every response and trained on, so the policy learns to stop (Stienno
 §3.4; Ouyang et al. 2022 §3.5). The loss of an optimizer step is the mean over all target
 tokens of its micro-batches: each micro-batch's summed loss is divided by the step's token
 count, so gradient accumulation gives the gradient of one big batch (averaging per-micro-batch
-means would over-weight short sequences).
+means would over-weight short sequences). An empty prompt (an unconditional demonstration)
+starts from the tokenizer's BOS, so its first response token is trained too
+(``data.empty_prompt_ids``).
 
     policy-trainer sft --data demos.jsonl --base DIR --out DIR [--max-steps N] [--resume] ...
 
@@ -227,6 +229,11 @@ def load_examples(cfg: SFTConfig, tokenizer, vocab_size: int):
     if stats.truncated:
         log.info("%s: cut the prompt of %d over-long examples from the left",
                  cfg.data, stats.truncated)
+    if stats.no_context:
+        log.warning("%s: %d examples have an empty prompt and the tokenizer has no BOS token: "
+                    "their first response token has nothing to be predicted from and is not "
+                    "trained (give them a prompt, or use a tokenizer with a BOS)",
+                    cfg.data, stats.no_context)
     if not examples:
         raise UserError(f"{cfg.data}: no usable demonstrations")
     counts = {"records": len(demos.records), "bad_lines": len(demos.bad),

@@ -94,6 +94,45 @@ def test_over_long_examples_keep_the_response_whole(tokenizer):
     assert encode_demo(tiny_enc, Demo("the", RESPONSE, 1), eos) is None  # no room for context
 
 
+def test_an_empty_prompt_starts_from_bos_and_trains_the_first_response_token(tokenizer):
+    eos = tokenizer.eos_token_id
+    response_ids = tokenizer(RESPONSE, add_special_tokens=False)["input_ids"]
+    ex = encode_demo(Encoder(tokenizer, 64, len(tokenizer)), Demo("", RESPONSE, 1), eos)
+    # The non-empty rule with the prompt's text taken away: its special tokens (BOS) stay.
+    with_prompt = encode_demo(Encoder(tokenizer, 64, len(tokenizer)), Demo("the", RESPONSE, 1), eos)
+    assert with_prompt.input_ids[0] == tokenizer.bos_token_id
+    assert ex.input_ids == [tokenizer.bos_token_id] + response_ids + [eos]
+    assert ex.labels == [IGNORE_INDEX] + response_ids + [eos] and not ex.no_context
+    assert sft.num_targets([ex]) == len(response_ids) + 1  # the first response token included
+    # Position 0 (BOS) predicts the first response token in the loss sum.
+    batch = collate([ex], tokenizer.pad_token_id)
+    assert batch["labels"][0, 1:].tolist()[0] == response_ids[0]
+
+    # A tokenizer that adds no BOS to text but has one (GPT-2): start from it, as generate() does.
+    gpt2_like = tiny.train_tokenizer(bos=False)
+    assert gpt2_like("the")["input_ids"][0] != gpt2_like.bos_token_id
+    ex = encode_demo(Encoder(gpt2_like, 64, len(gpt2_like)), Demo("", RESPONSE, 1), eos)
+    assert ex.input_ids[0] == gpt2_like.bos_token_id and ex.labels[1] == response_ids[0]
+
+
+def test_an_empty_prompt_without_bos_is_reported_not_silently_untrained(tmp_path, caplog):
+    no_bos = tiny.train_tokenizer(bos=False)
+    no_bos.bos_token = None
+    eos = no_bos.eos_token_id
+    response_ids = no_bos(RESPONSE, add_special_tokens=False)["input_ids"]
+    ex = encode_demo(Encoder(no_bos, 64, len(no_bos)), Demo("", RESPONSE, 1), eos)
+    assert ex.input_ids == response_ids + [eos] and ex.no_context
+    assert ex.labels == [IGNORE_INDEX] + response_ids[1:] + [eos]  # nothing precedes token 0
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("\n".join(json.dumps({"prompt": p, "response": RESPONSE})
+                               for p in ("", "the plot", "")) + "\n")
+    cfg = sft.SFTConfig(data=str(demos), base="unused", out=str(tmp_path / "out"))
+    with caplog.at_level("WARNING", logger="policy_trainer.sft"):
+        examples, _, _ = sft.load_examples(cfg, no_bos, len(no_bos))
+    warned = [r.getMessage() for r in caplog.records if "no BOS" in r.getMessage()]
+    assert len(examples) == 3 and len(warned) == 1 and "2 examples" in warned[0]
+
+
 def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
     demos = read_demos(write_demos(tmp_path / "demos.jsonl", n=10, bad=True))
     assert [b.line for b in demos.bad] == [3, 6, 9, 12]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from policy_trainer.data import UserError
+from rm_server.client import AddressError, parse_targets
 
 
 @dataclass
@@ -36,10 +37,15 @@ class PPOConfig:
     rm_client_id: str | None = None
     """x-client-id sent to the RM, for its fair scheduling and metrics (default: ppo-<out name>)."""
     rm_timeout: float = 60.0
-    """Deadline in seconds of every RM call, a chunk's ScoreStream included."""
+    """Deadline in seconds of each attempt of an RM call (a chunk's ScoreStream included)."""
+    rm_chunk_timeout: float = 120.0
+    """Seconds one RM call may take in all, every attempt and backoff included: a chunk's stream
+    (its unanswered samples then count as failed) and the model info at start. Bounds a hung RM
+    (alive, not answering) to this per chunk, not --rm-timeout x --rm-max-attempts."""
     rm_max_attempts: int = 30
     """Attempts per RM call before its samples count as failed (transient errors back off; with
-    the default backoff about 1.5 min of RM outage, e.g. a restart, is ridden out)."""
+    the default backoff about 1.5 min of RM outage, e.g. a restart, is ridden out, within
+    --rm-chunk-timeout)."""
     rm_backoff_max: float = 4.0
     """Longest backoff in seconds between RM retries (exponential with full jitter below it)."""
     rm_chunk_size: int = 64
@@ -158,6 +164,12 @@ class PPOConfig:
     """torch.set_num_threads for CPU runs (default: torch's choice)."""
 
     def validate(self) -> None:
+        try:
+            parse_targets(self.rm)  # before any model loads: a bad address is a typo, not an outage
+        except AddressError as e:
+            raise UserError(f"--rm: {e}") from None
+        if self.rm_timeout <= 0 or self.rm_chunk_timeout <= 0:
+            raise UserError("--rm-timeout and --rm-chunk-timeout must be > 0")
         for name in ("batch_size", "mini_batch_size", "micro_batch_size", "generation_batch_size",
                      "num_ppo_epochs", "max_new_tokens", "max_prompt_length", "rm_chunk_size",
                      "rm_max_attempts"):

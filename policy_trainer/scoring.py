@@ -6,10 +6,11 @@ hands a generation chunk to it and returns at once: the chunk goes out on its ow
 scores chunk k while the trainer generates chunk k+1 and computes reference log-probs.
 ``collect()`` blocks until every submitted chunk is answered or has finally failed.
 
-Failure handling is the client library's (every call has a deadline; transient codes retry
-with backoff; a broken stream resubmits exactly the ids not answered yet). What still fails
-comes back here as ``ScoringError``: those ids are returned as *failed*, for the loop to mask
-out of the update and count. They are never given a made-up reward.
+Failure handling is the client library's (every attempt has a deadline, and every call a total
+one, ``chunk_timeout``, that bounds a hung RM; transient codes retry with backoff, one warning
+per retry round on the trainer's log; a broken stream resubmits exactly the ids not answered
+yet). What still fails comes back here as ``ScoringError``: those ids are returned as *failed*,
+for the loop to mask out of the update and count. They are never given a made-up reward.
 
 Input form: at start the trainer compares its tokenizer's fingerprint with the server's
 ``ModelInfo.tokenizer_fingerprint``. Equal: token ids go on the wire as generated (no decode /
@@ -91,7 +92,8 @@ class RMScorer:
     """Background-thread client of the reward service (one per trainer process)."""
 
     def __init__(self, targets: str, *, token: str | None, timeout: float, max_attempts: int,
-                 backoff_max: float, client_id: str | None, chunk_size: int):
+                 backoff_max: float, client_id: str | None, chunk_size: int,
+                 chunk_timeout: float | None = None):
         self.chunk_size = chunk_size
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rm-scorer",
@@ -100,9 +102,12 @@ class RMScorer:
         self._pending: list[Future] = []
 
         async def make() -> AsyncRewardClient:  # grpc.aio channels belong to their loop
+            # timeout: each attempt; chunk_timeout: a chunk's stream (or the start's model info)
+            # in all, so a hung RM fails a chunk's samples after it, not attempts x timeout.
             return AsyncRewardClient(targets, token=token, timeout=timeout,
                                      stream_timeout=timeout, max_attempts=max_attempts,
-                                     backoff_max=backoff_max, client_id=client_id)
+                                     backoff_max=backoff_max, client_id=client_id,
+                                     total_timeout=chunk_timeout, logger=log)
 
         self._client = self._run(make())
 

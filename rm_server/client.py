@@ -6,7 +6,10 @@
         for r in rm.score_stream(many_samples, chunk_size=64): ...       # as batches finish
 
 Guarantees the trainer relies on:
-- every call has a deadline (``timeout``, default 60 s; streams ``stream_timeout``);
+- a malformed address fails at construction (:func:`parse_targets`), not as a silent retry loop;
+- every attempt has a deadline (``timeout``, default 60 s; streams ``stream_timeout``), and
+  ``total_timeout`` bounds a whole call, every attempt and backoff included (a hung server,
+  alive but not answering, otherwise costs attempts x deadline);
 - transient failures (UNAVAILABLE: overloaded, restarting, unreachable; RESOURCE_EXHAUSTED
   except "message too large"; DEADLINE_EXCEEDED) are retried with exponential backoff and
   full jitter, honouring the server's ``retry-after-ms``; scoring is idempotent, so a retry
@@ -14,16 +17,23 @@ Guarantees the trainer relies on:
 - several addresses are balanced round-robin, and a failed attempt moves to the next one;
 - a broken stream is resumed on a new stream with exactly the samples not answered yet, so
   every id is answered once; a sample that still fails raises :class:`ScoringError` naming it,
-  never a made-up reward.
+  never a made-up reward;
+- while the server cannot be reached, one warning per retry round ("waiting for the reward
+  model at ..., attempt n of N") goes to ``logger``, however many calls are waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import json
+import logging
+import math
 import random
+import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Iterator, Sequence
@@ -80,6 +90,78 @@ def token_sample(sample_id: str, ids: Sequence[int], prompt_length: int = 0) -> 
     return pb.Sample(id=sample_id, tokens=pb.TokenIds(ids=list(ids), prompt_length=prompt_length))
 
 
+class AddressError(ValueError):
+    """A reward-service address that cannot be right, refused before any connection."""
+
+
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")  # a DNS name or IPv4 address
+
+
+def parse_targets(targets: str | Sequence[str]) -> list[str]:
+    """Check reward-service addresses (a list, or one comma-separated string); return them.
+
+    Accepted: ``HOST:PORT``, ``[IPV6]:PORT`` and gRPC's own target forms ``dns:[//AUTH/]HOST:PORT``,
+    ``ipv4:ADDR:PORT``, ``ipv6:[ADDR]:PORT``, ``unix:PATH``, ``unix-abstract:NAME``. Refused with
+    :class:`AddressError`: a URL scheme (``http://h:1``: gRPC would look up a host named
+    "http"), a missing port (gRPC dials 443 then: ``localhost`` quietly meant localhost:443),
+    a port that is not a number in 1..65535, a bare IPv6 address (ambiguous without brackets).
+    """
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    out = [_check_target(t.strip()) for t in targets if t.strip()]
+    if not out:
+        raise AddressError("no reward-model address given (expected HOST:PORT)")
+    return out
+
+
+def _check_target(address: str) -> str:
+    if address.startswith(("unix:", "unix-abstract:")):
+        if not address.partition(":")[2].strip("/"):
+            raise AddressError(f"reward-model address {address!r}: no socket path")
+        return address
+    rest = address
+    for scheme in ("dns:", "ipv4:", "ipv6:"):
+        if address.startswith(scheme):
+            rest = address[len(scheme):]
+            if scheme == "dns:" and rest.startswith("//"):
+                rest = rest[2:].partition("/")[2]  # dns://[AUTHORITY]/HOST:PORT
+            break
+    else:
+        if "://" in address:
+            scheme, _, after = address.partition("://")
+            hint = after.rstrip("/") or "host"
+            raise AddressError(f"reward-model address {address!r}: gRPC takes no {scheme}:// "
+                               f"scheme; write HOST:PORT, e.g. "
+                               f"{hint if ':' in hint else hint + ':50051'}")
+    _check_host_port(rest, address)
+    return address
+
+
+def _check_host_port(hp: str, address: str) -> None:
+    def bad(why: str) -> AddressError:
+        return AddressError(f"reward-model address {address!r}: {why}")
+
+    if hp.startswith("["):
+        host, _, after = hp[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"{host!r} is not an IPv6 address") from None
+        if not after:
+            raise bad(f"no port (gRPC would dial 443): write [{host}]:PORT")
+        port = after[1:] if after.startswith(":") else after
+    else:
+        host, sep, port = hp.rpartition(":")
+        if not sep:
+            raise bad(f"no port (gRPC would dial 443): write HOST:PORT, e.g. {hp}:50051")
+        if ":" in host:
+            raise bad("an IPv6 address goes in brackets: [ADDR]:PORT")
+        if not _HOST.fullmatch(host):
+            raise bad(f"{host!r} is not a host name or address")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise bad(f"port {port!r} is not a number in 1..65535")
+
+
 def is_retryable(err: grpc.RpcError) -> bool:
     code = err.code()
     if code == grpc.StatusCode.INTERNAL and err.details() == "Internal error from Core":
@@ -125,14 +207,14 @@ class AsyncRewardClient:
                  stream_timeout: float = 600.0, max_attempts: int = 10,
                  backoff_base: float = 0.1, backoff_max: float = 4.0,
                  client_id: str | None = None, keepalive_time_ms: int | None = None,
-                 keepalive_timeout_ms: int | None = None):
-        if isinstance(targets, str):
-            targets = [t for t in targets.split(",") if t]
-        if not targets:
-            raise ValueError("at least one target address is needed")
-        self.targets = list(targets)
+                 keepalive_timeout_ms: int | None = None, total_timeout: float | None = None,
+                 logger: logging.Logger | None = None):
+        self.targets = parse_targets(targets)
         self.timeout, self.stream_timeout = timeout, stream_timeout
+        self.total_timeout = total_timeout  # one call, all attempts and backoff (None: no bound)
         self.max_attempts = max_attempts
+        self.log = logger or logging.getLogger("rm_server.client")
+        self._waiting_round = 0  # highest retry round announced since the last answer
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self.metadata = []
         if token:
@@ -158,24 +240,48 @@ class AsyncRewardClient:
     def _stub(self) -> pb_grpc.RewardServiceStub:
         return self._stubs[next(self._next) % len(self._stubs)]
 
-    async def _backoff(self, attempt: int, err) -> None:
+    def _deadline(self) -> float:
+        return time.monotonic() + self.total_timeout if self.total_timeout else math.inf
+
+    def _gives_up(self, err, attempt: int, deadline: float) -> bool:
+        """No retry: a permanent error, the last attempt, or the call's total deadline passed."""
+        return ((err is not None and not is_retryable(err)) or attempt == self.max_attempts - 1
+                or time.monotonic() >= deadline)
+
+    def _failure(self, method: str, err, attempt: int, deadline: float,
+                 ids: Sequence[str] = ()) -> ScoringError:
+        self._waiting_round = 0  # the next outage is announced from its first round
+        last = f"{err.code().name}: {err.details()}" if err is not None else "stream ended early"
+        if time.monotonic() >= deadline:
+            last += f"; the call's total deadline ({self.total_timeout:g} s) passed"
+        return ScoringError(f"{method} failed after {attempt + 1} attempt(s): {last}",
+                            err.code() if err is not None else None, ids)
+
+    async def _backoff(self, attempt: int, err, deadline: float = math.inf) -> None:
         self.retries += 1
         delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
-        await asyncio.sleep(max(delay, _retry_after(err)))
+        delay = min(max(delay, _retry_after(err)), max(0.0, deadline - time.monotonic()))
+        if attempt + 1 > self._waiting_round:  # one line per round, however many calls wait
+            self._waiting_round = attempt + 1
+            self.log.warning("waiting for the reward model at %s, attempt %d of %d in %.1f s "
+                             "(%s)", ",".join(self.targets), attempt + 2, self.max_attempts,
+                             delay, err.code().name if err is not None else "stream ended")
+        await asyncio.sleep(delay)
 
     async def _unary(self, method: str, request, timeout: float | None):
-        last = None
+        deadline = self._deadline()
         for attempt in range(self.max_attempts):
+            per_try = min(timeout or self.timeout, max(deadline - time.monotonic(), 0.001))
             try:
-                return await getattr(self._stub(), method)(
-                    request, timeout=timeout or self.timeout, metadata=self.metadata)
+                response = await getattr(self._stub(), method)(
+                    request, timeout=per_try, metadata=self.metadata)
+                self._waiting_round = 0
+                return response
             except grpc.aio.AioRpcError as err:
-                if not is_retryable(err) or attempt == self.max_attempts - 1:
-                    raise ScoringError(f"{method} failed: {err.code().name}: {err.details()}",
-                                       err.code()) from err
-                last = err
-                await self._backoff(attempt, err)
-        raise ScoringError(f"{method} failed", last.code() if last else None)
+                if self._gives_up(err, attempt, deadline):
+                    raise self._failure(method, err, attempt, deadline) from err
+                await self._backoff(attempt, err, deadline)
+        raise AssertionError("unreachable: the last attempt raises")
 
     async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
         return await self._unary("GetModelInfo", pb.GetModelInfoRequest(), timeout)
@@ -201,6 +307,7 @@ class AsyncRewardClient:
         source = iter(samples)
         unanswered: dict[str, pb.Sample] = {}
         exhausted = False
+        deadline = self._deadline()
         for attempt in range(self.max_attempts):
             resend = list(unanswered.values())
 
@@ -217,10 +324,12 @@ class AsyncRewardClient:
                         unanswered[s.id] = s
                     yield pb.ScoreRequest(samples=chunk)
 
-            call = self._stub().ScoreStream(requests(), timeout=timeout or self.stream_timeout,
-                                            metadata=self.metadata)
+            per_try = min(timeout or self.stream_timeout,
+                          max(deadline - time.monotonic(), 0.001))
+            call = self._stub().ScoreStream(requests(), timeout=per_try, metadata=self.metadata)
             try:
                 async for response in call:
+                    self._waiting_round = 0
                     for r in response.results:
                         if unanswered.pop(r.id, None) is not None:
                             yield _result(r)
@@ -229,13 +338,13 @@ class AsyncRewardClient:
                 err = None  # the server closed early: resubmit what is left
             except grpc.aio.AioRpcError as e:
                 err = e
-                if not is_retryable(e) or attempt == self.max_attempts - 1:
-                    raise ScoringError(f"ScoreStream failed: {e.code().name}: {e.details()}",
-                                       e.code(), list(unanswered)) from e
             finally:
                 call.cancel()
-            await self._backoff(attempt, err)
-        raise ScoringError("ScoreStream: retries exhausted", None, list(unanswered))
+            if self._gives_up(err, attempt, deadline):
+                raise self._failure("ScoreStream", err, attempt, deadline,
+                                    list(unanswered)) from err
+            await self._backoff(attempt, err, deadline)
+        raise AssertionError("unreachable: the last attempt raises")
 
     async def score_all(self, samples: Sequence[pb.Sample], chunk_size: int = 64,
                         timeout: float | None = None) -> list[ScoreResult]:
@@ -260,6 +369,7 @@ class RewardClient:
     """Synchronous facade: the async client runs on a private event-loop thread."""
 
     def __init__(self, targets: str | Sequence[str], **kwargs):
+        targets = parse_targets(targets)  # a bad address fails here, before a thread starts
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rm-client",
                                         daemon=True)

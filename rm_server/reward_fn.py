@@ -11,6 +11,10 @@ strings, scored as a text pair) and conversational (lists of ``{"role", "content
 messages; prompt + completion messages are scored with the model's chat template). The
 samples of one call go out on one stream, so the server batches them with everyone else's.
 A sample that cannot be scored raises :class:`ScoringError`: a failed reward is never 0.
+A malformed address (``http://host:50051``, ``localhost`` without a port) raises
+:class:`AddressError` at construction; while the server is unreachable a warning per retry
+round goes to the ``rm_server.client`` logger (pass ``logger=`` to route it elsewhere), and
+``total_timeout=`` (seconds per call, all retries included) bounds a hung server.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from rm_server.client import AsyncRewardClient, RewardClient, chat_sample, text_sample
+from rm_server.client import (AsyncRewardClient, RewardClient, chat_sample, parse_targets,
+                              text_sample)
 
 _call_ids = itertools.count()
 
@@ -71,7 +76,8 @@ class AsyncRemoteRewardFunction:
     """Async callable for asyncio trainers: ``await f(prompts, completions) -> list[float]``."""
 
     def __init__(self, targets: str | Sequence[str], **client_kwargs):
-        self.targets, self.client_kwargs = targets, client_kwargs
+        # The client is made at the first call (on its loop); a bad address fails now.
+        self.targets, self.client_kwargs = parse_targets(targets), client_kwargs
         self.client: AsyncRewardClient | None = None
         self.__name__ = "remote_rm"
 

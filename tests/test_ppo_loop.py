@@ -294,3 +294,47 @@ def test_cli_errors_are_one_line(policy_dir, tmp_path, capsys):
     finally:
         torch.set_num_threads(n)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # nothing half-written
+
+
+def test_a_malformed_rm_address_is_one_line_before_anything_loads(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the movie"}) + "\n")
+    # --policy does not exist: the address is refused first, before any model would load.
+    base = ["ppo", "--policy", str(tmp_path / "nope"), "--prompts", str(prompts),
+            "--out", str(tmp_path / "o")]
+    for rm, message in (("http://127.0.0.1:50051", "no http:// scheme"),
+                        ("localhost", "no port (gRPC would dial 443)"),
+                        ("127.0.0.1:99999", "not a number in 1..65535")):
+        capsys.readouterr()
+        assert cli.main(base + ["--rm", rm]) == 2, rm
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("policy-trainer ppo: error: --rm: "), err
+        assert message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unreachable_rm_at_start_prints_waiting_lines_then_one_error(policy_dir, tmp_path,
+                                                                        capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the movie"}) + "\n")
+    n = torch.get_num_threads()
+    try:
+        code = cli.main(["ppo", "--policy", str(policy_dir), "--rm", "127.0.0.1:9", "--prompts",
+                         str(prompts), "--out", str(tmp_path / "o"), "--torch-threads", "1",
+                         "--rm-max-attempts", "3", "--rm-backoff-max", "0.01",
+                         "--rm-chunk-timeout", "30", "--batch-size", "4",
+                         "--mini-batch-size", "2", "--micro-batch-size", "2"])
+    finally:
+        torch.set_num_threads(n)
+    err = capsys.readouterr().err.splitlines()
+    waiting = [ln for ln in err if "waiting for the reward model at 127.0.0.1:9" in ln]
+    assert code == 1 and len(waiting) == 2, err  # attempts 2 and 3 announced
+    assert "attempt 2 of 3" in waiting[0] and "WARNING" in waiting[0]
+    assert "attempt 3 of 3" in waiting[1]
+    assert err[-1].startswith("policy-trainer ppo: error: cannot reach the reward model"), err
+
+
+def test_rm_timeouts_are_validated():
+    with pytest.raises(UserError, match="rm-chunk-timeout"):
+        PPOConfig(policy="p", rm="h:1", prompts="x", out="o", rm_chunk_timeout=0).validate()
+    assert PPOConfig(policy="p", rm="h:1", prompts="x", out="o").rm_chunk_timeout > 0

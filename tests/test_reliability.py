@@ -280,6 +280,33 @@ def test_sigstop_is_detected_by_keepalive(model_dir, corpus):
         assert victim.stop() == 0
 
 
+def test_a_sigstopped_rm_fails_each_chunk_within_the_chunk_timeout(model_dir, corpus):
+    """A hung RM (alive, not answering) with the trainer's RMScorer: each chunk's samples fail
+    (named, never scored) after --rm-chunk-timeout, not after attempts x per-attempt deadline."""
+    from policy_trainer.scoring import RMScorer  # the trainer side, over the real server
+
+    seqs, _ = corpus
+    victim = start_server(model_dir)
+    scorer = RMScorer(victim.address, token=None, timeout=1.0, max_attempts=30,
+                      backoff_max=0.05, client_id="hung", chunk_size=4, chunk_timeout=2.0)
+    try:
+        scorer.model_info()
+        victim.proc.send_signal(signal.SIGSTOP)
+        t0 = time.perf_counter()
+        for c in range(2):
+            scorer.submit([token_sample(f"c{c}-{i}", seqs[i]) for i in range(6)])
+        got = scorer.collect()
+        elapsed = time.perf_counter() - t0
+    finally:
+        victim.proc.send_signal(signal.SIGCONT)
+        scorer.close()
+        assert victim.stop() == 0
+    assert got.results == {} and len(got.failed) == 12, got
+    assert set(got.failed.values()) <= {"DEADLINE_EXCEEDED", "UNAVAILABLE"}
+    assert elapsed < 2.0 + 3.0, elapsed  # 30 attempts x 1 s would be 30 s
+    print(f"\nFIGURE sigstop: a hung RM failed 2 chunks in {elapsed:.1f}s (bound 2 s each)")
+
+
 request_strategy = st.builds(
     lambda samples: pb.ScoreRequest(samples=samples),
     st.lists(st.one_of(

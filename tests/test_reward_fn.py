@@ -1,11 +1,13 @@
 """The RM as a reward function (TRL GRPO's calling convention and plain Python), live server."""
 
 import asyncio
+import logging
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rm_server.client import AddressError, ScoringError
 from rm_server.encoding import Encoder, TextInput
 from rm_server.reward_fn import AsyncRemoteRewardFunction, RemoteRewardFunction
 from rm_server.launch import start_server
@@ -62,3 +64,26 @@ def test_async_reward_function(server):
 
     a = asyncio.run(main())
     assert len(a) == 4 and a[0] == pytest.approx(a[2])
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:50051", "localhost", "127.0.0.1:65536"])
+def test_a_malformed_address_is_refused_at_construction(address):
+    with pytest.raises(AddressError, match="reward-model address"):
+        RemoteRewardFunction(address)
+    with pytest.raises(AddressError, match="reward-model address"):
+        AsyncRemoteRewardFunction(address)  # its client is made at the first call: check now
+
+
+def test_an_unreachable_rm_logs_a_line_per_retry_round_then_raises(caplog):
+    rm = RemoteRewardFunction("127.0.0.1:9", max_attempts=3, backoff_max=0.01)
+    try:
+        with caplog.at_level(logging.WARNING, logger="rm_server.client"):
+            with pytest.raises(ScoringError) as exc:
+                rm(prompts=["a", "b"], completions=[" c", " d"])
+    finally:
+        rm.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "rm_server.client"]
+    assert [ln.split(", ")[1].split(" in ")[0] for ln in lines] == [
+        "attempt 2 of 3", "attempt 3 of 3"], lines
+    assert all(ln.startswith("waiting for the reward model at 127.0.0.1:9") for ln in lines)
+    assert len(exc.value.sample_ids) == 2  # named, never a made-up reward

@@ -101,7 +101,14 @@ def gold_by_step(rollouts: Path) -> dict[int, float]:
     return {k: statistics.fmean(v) for k, v in sorted(per.items())}
 
 
-def plots(out: Path, log: list[dict], log0: list[dict]) -> None:
+def plots(out: Path, log: list[dict], log0: list[dict]) -> bool:
+    """ppo_curves.png (and overoptimization.png with ``log0``); False, with one line saying how
+    to get them, when matplotlib (the [plots] extra) is not installed."""
+    from rm_server.evaluate import plots_missing
+
+    if (missing := plots_missing()) is not None:
+        print(missing)
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,7 +127,7 @@ def plots(out: Path, log: list[dict], log0: list[dict]) -> None:
     fig.savefig(out / "ppo_curves.png", dpi=100)
     plt.close(fig)
     if not log0:
-        return
+        return True
     gold0 = gold_by_step(out / "ppo_beta0" / "rollouts.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for lg, gd, label, style in ((log, gold, "beta > 0", "-"), (log0, gold0, "beta = 0", "--")):
@@ -136,6 +143,7 @@ def plots(out: Path, log: list[dict], log0: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(out / "overoptimization.png", dpi=100)
     plt.close(fig)
+    return True
 
 
 def overoptimization(run: Path, window: int = 3) -> dict | None:

@@ -147,11 +147,10 @@ def run(cfg: DemoConfig) -> int:
     summary["total_seconds"] = time.perf_counter() - st.t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report.print_summary(summary)
-    report.plots(out, read_log(ppo / "train_log.jsonl"),
-                 read_log(ppo0 / "train_log.jsonl") if cfg.overopt else [])
-    print(f"\nartifacts in {out}/ (summary.json, ppo_curves.png"
-          f"{', overoptimization.png' if cfg.overopt else ''}); "
-          f"total {summary['total_seconds']:.0f}s")
+    plotted = report.plots(out, read_log(ppo / "train_log.jsonl"),
+                           read_log(ppo0 / "train_log.jsonl") if cfg.overopt else [])
+    pngs = (", ppo_curves.png" + (", overoptimization.png" if cfg.overopt else "")) * plotted
+    print(f"\nartifacts in {out}/ (summary.json{pngs}); total {summary['total_seconds']:.0f}s")
     return 0
 
 

@@ -1,6 +1,7 @@
 """`rm-server eval`: how well a reward model orders held-out preference pairs, and how calibrated.
 
-For each pair, Δ = r_w − r_l. Reported (as JSON and a PNG):
+For each pair, Δ = r_w − r_l. Reported (as JSON, and a PNG when matplotlib, the ``[plots]``
+extra, is installed):
 
 - accuracy: the fraction with Δ > 0 (a tie counts one half), and the BT loss −log σ(Δ);
 - Δ: mean, std and quantiles, and a histogram of |Δ| (a well-trained RM puts most in [0.5, 4]);
@@ -188,6 +189,20 @@ def pair_metrics(r_chosen, r_rejected, bins: int = 10, hist_bins: int = 20) -> d
 
 # -- plots --------------------------------------------------------------------------------------
 
+def plots_missing() -> str | None:
+    """None when matplotlib imports; else the one line that says how to get the plots.
+
+    matplotlib is an extra (``[plots]``): a plain install trains and evaluates all the same,
+    and skips only the PNGs, so a missing plotting library never costs a finished run.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ("plots skipped: matplotlib is not installed "
+                "(pip install 'rlhf-rm-service[plots]' to get them)")
+    return None
+
+
 def _figure():
     """A matplotlib Figure on the Agg canvas, without pyplot (no GUI backend, no global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -265,14 +280,16 @@ def write_scores(path: Path, pairs: list[EncodedPair], r_w: torch.Tensor, r_l: t
                                 "margin": p.margin, "truncated": p.truncated}) + "\n")
 
 
-def write_report(out: Path, pairs, r_w, r_l, bins: int, title: str, extra: dict | None = None) -> dict:
-    """eval.json, eval.png and eval_scores.jsonl in ``out``; returns the metrics."""
+def write_report(out: Path, pairs, r_w, r_l, bins: int, title: str, extra: dict | None = None,
+                 plot: bool = True) -> dict:
+    """eval.json, eval_scores.jsonl and (with ``plot``) eval.png in ``out``; returns the metrics."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = pair_metrics(r_w.numpy(), r_l.numpy(), bins=bins)
     metrics.update(extra or {})
     (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_scores(out / "eval_scores.jsonl", pairs, r_w, r_l)
-    plot_eval(metrics, out / "eval.png", title)
+    if plot:
+        plot_eval(metrics, out / "eval.png", title)
     return metrics
 
 
@@ -307,9 +324,13 @@ def evaluate(cfg: EvalConfig) -> int:
     show = cfg.progress and sys.stderr.isatty()
     r_w, r_l = score_pairs(model, encoded, device, cfg.batch_size, progress=show)
     out = Path(cfg.out) if cfg.out else model_dir / f"eval-{Path(cfg.data).stem}"
+    no_plots = plots_missing()
     metrics = write_report(out, encoded, r_w, r_l, cfg.bins, title=model_dir.name,
-                           extra={"data": report.summary(), "max_length": max_length})
+                           extra={"data": report.summary(), "max_length": max_length},
+                           plot=no_plots is None)
     print(f"eval: {one_line(metrics)}; {report.truncated_pairs} truncated, "
           f"{report.dropped_long_pairs} dropped, {report.bad_lines} bad line(s) skipped")
-    print(f"eval: wrote {out / 'eval.json'}, {out / 'eval.png'}")
+    print(f"eval: wrote {out / 'eval.json'}" + ("" if no_plots else f", {out / 'eval.png'}"))
+    if no_plots:
+        print(f"eval: {no_plots}", file=sys.stderr)
     return 0

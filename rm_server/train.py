@@ -14,7 +14,8 @@
    eval split; checkpoints; one row per step in train_log.jsonl.
 5. finish: a plain HuggingFace checkpoint in OUT (serve it, or from_pretrained it, as it is),
    reward_stats.json (mean/std of rewards on the eval split, for GetModelInfo), eval.json,
-   eval.png, eval_scores.jsonl (scores of the eval pairs as trained), train_curves.png.
+   eval_scores.jsonl (scores of the eval pairs as trained), and the plots eval.png and
+   train_curves.png when matplotlib (the ``[plots]`` extra) is installed.
 
 Data order is a pure function of (seed, step): epoch e shuffles the training pairs with a
 generator seeded from (seed, e) and step s takes the next ``batch_size`` of them. A checkpoint
@@ -41,7 +42,7 @@ from rm_server.bt_loss import bradley_terry_loss
 from rm_server.cli import UserError
 from rm_server.encoding import Encoder
 from rm_server.evaluate import (default_max_length, forward_rewards, one_line, pick_device,
-                                plot_training, score_pairs, write_report)
+                                plot_training, plots_missing, score_pairs, write_report)
 from rm_server.prefs import EncodedPair, encode_pairs, file_fingerprint, read_preferences
 
 DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop",
@@ -450,11 +451,16 @@ def finish(cfg, out: Path, model, tokenizer, train_set, eval_set, rows, device, 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "reward_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    no_plots = plots_missing()  # the checkpoint is written: a missing extra must not crash
     metrics = write_report(out, pairs, r_w, r_l, bins=10, title=f"{out.name} ({split} split)",
-                           extra={"split": split})
-    plot_training(rows, out / "train_curves.png")
+                           extra={"split": split}, plot=no_plots is None)
+    if no_plots is None:
+        plot_training(rows, out / "train_curves.png")
     (out / "train_summary.json").write_text(json.dumps({**summary, "eval": {
         k: metrics[k] for k in ("pairs", "accuracy", "loss", "delta_mean", "delta_std", "ece")},
         "reward_stats": stats}, indent=2) + "\n")
     print(f"eval ({split} split): {one_line(metrics)}")
-    print(f"wrote {out}: checkpoint, reward_stats.json, eval.json, eval.png, train_curves.png, train_log.jsonl")
+    pngs = "" if no_plots else "eval.png, train_curves.png, "
+    print(f"wrote {out}: checkpoint, reward_stats.json, eval.json, {pngs}train_log.jsonl")
+    if no_plots:
+        print(no_plots, file=sys.stderr)

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +35,7 @@ from rm_server.prefs import EncodedPair
 from rm_server.train import TrainConfig, load_model, train
 from tests import tiny
 
+REPO = Path(__file__).resolve().parents[1]
 POS = {"great", "wonderful", "good", "best", "fun", "loved"}
 NEG = {"terrible", "boring", "awful", "bad", "worst", "dull", "hated"}
 
@@ -175,6 +180,49 @@ def test_eval_cli_reproduces_the_training_evaluation(world, trained, tmp_path, c
     assert got["data"]["truncated_pairs"] == 2
     assert (tmp_path / "eval.png").is_file()
     assert "accuracy" in capsys.readouterr().out
+
+
+NO_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None  # as if not installed\n"
+                 "from rm_server.cli import main; sys.exit(main(sys.argv[1:]))")
+PLOTS_HINT = "pip install 'rlhf-rm-service[plots]'"
+
+
+def run_without_matplotlib(args: list[str]) -> subprocess.CompletedProcess:
+    """``rm-server ARGS`` in a fresh interpreter where ``import matplotlib`` fails (a plain
+    ``pip install`` without the [plots] extra)."""
+    return subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_train_and_eval_finish_without_matplotlib_and_say_how_to_get_plots(world, trained,
+                                                                            tmp_path):
+    out = tmp_path / "rm"
+    proc = run_without_matplotlib(base_args(world, out) + ["--max-steps", "2", "--threads", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model.safetensors", "reward_stats.json", "eval.json", "train_summary.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.png"))
+    hint = [ln for ln in proc.stderr.splitlines() if PLOTS_HINT in ln]
+    assert len(hint) == 1 and "matplotlib is not installed" in hint[0], proc.stderr[-3000:]
+    assert "eval.png" not in proc.stdout  # it does not claim a plot it did not make
+
+    ev = tmp_path / "eval"
+    proc = run_without_matplotlib(["eval", "--model", str(trained), "--data", world["eval"],
+                                   "--out", str(ev), "--no-progress", "--threads", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (ev / "eval.json").is_file() and not (ev / "eval.png").exists()
+    assert [ln for ln in proc.stderr.splitlines() if PLOTS_HINT in ln] == [
+        f"eval: {hint[0]}"], proc.stderr[-3000:]
+    assert "accuracy" in proc.stdout
+
+
+def test_with_matplotlib_the_plots_are_made_and_no_hint_is_printed(world, trained, tmp_path,
+                                                                   capsys):
+    assert cli.main(["eval", "--model", str(trained), "--data", world["eval"],
+                     "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert PLOTS_HINT not in capsys.readouterr().err
 
 
 def test_resume_continues_at_the_same_step_with_the_same_losses(world, tmp_path, monkeypatch):

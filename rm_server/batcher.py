@@ -19,7 +19,9 @@ for the model to free up (more samples may arrive meanwhile, at no cost in laten
 are grouped by length around the oldest one (which is always taken, so nothing starves): on a
 2-core CPU, FIFO batches carried ~70% padding and ran slower than single requests (NOTES.md).
 
-Cancelled calls and samples whose deadline passed are dropped here, before the model.
+Cancelled calls, samples whose deadline passed and samples whose deadline passes before their
+batch could finish (a lower bound on the model time: :mod:`rm_server.model_time`) are dropped
+here, before the model.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from rm_server.errors import DeadlineExceeded, Overloaded
+from rm_server.model_time import ModelTimeEstimate
 
 
 GAP_EMA = 0.25  # weight of the newest gap in the running mean of gaps between calls
@@ -160,14 +163,6 @@ class BatchPolicy:
         return taken
 
 
-@dataclass
-class BatcherStats:
-    batches: int = 0
-    samples: int = 0
-    padded_tokens: int = 0
-    real_tokens: int = 0
-
-
 class Batcher:
     """Runs :class:`BatchPolicy` over a bounded queue and feeds one model thread."""
 
@@ -180,7 +175,6 @@ class Batcher:
         self.metrics = metrics
         self.clock = clock
         self.pending: list[Pending] = []
-        self.stats = BatcherStats()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()  # set when the queue has room (wakes waiting streams)
         self._in_flight: set[asyncio.Task] = set()
@@ -190,7 +184,7 @@ class Batcher:
         self._served_at: dict[str, int] = {}  # client -> last batch number that served it
         self._batch_no = 0
         self._ema_batch_seconds = 0.0
-        self._sec_per_token = 0.0  # running mean model seconds per padded token
+        self.model_time = ModelTimeEstimate()  # refuses only work that cannot finish
         self._mean_gap = 0.0  # running mean of the seconds between calls (BatchPolicy.ready)
         self._last_arrival: float | None = None
 
@@ -325,19 +319,16 @@ class Batcher:
 
     def _still_wanted(self, batch: list[Pending]) -> list[Pending]:
         """Drop samples cancelled while their batch waited, and samples whose deadline passes
-        before this batch could finish (estimated from recent batches): a result nobody can
-        receive is not computed."""
+        before this batch could finish (a lower bound on its model time, so that only work
+        that cannot finish is refused): a result nobody can receive is not computed."""
         live = [p for p in batch if not p.dropped]
         if not live:
             return []
-        finish = self.clock() + self.estimate_seconds(live)
+        now = self.clock()
+        finish = now + self.model_time.lower_bound(len(live), max(p.length for p in live), now)
         expired = [p for p in live if p.deadline is not None and p.deadline <= finish]
         self._expire(expired)
         return [p for p in live if p.deadline is None or p.deadline > finish]
-
-    def estimate_seconds(self, batch: list[Pending]) -> float:
-        """Model time for ``batch`` from the running mean seconds per padded token."""
-        return self._sec_per_token * max(p.length for p in batch) * len(batch)
 
     async def _forward(self, batch: list[Pending]) -> list[float] | None:
         """The batch's rewards from the model thread; on a model fault its calls fail and
@@ -359,13 +350,7 @@ class Batcher:
         seconds = self.clock() - t0
         self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * seconds
         lengths = [p.length for p in batch]
-        per_token = seconds / (max(lengths) * len(lengths))
-        self._sec_per_token = (per_token if not self.stats.batches
-                               else 0.8 * self._sec_per_token + 0.2 * per_token)
-        self.stats.batches += 1
-        self.stats.samples += len(batch)
-        self.stats.padded_tokens += max(lengths) * len(batch)
-        self.stats.real_tokens += sum(lengths)
+        self.model_time.observe(len(batch), max(lengths), seconds, self.clock())
         if self.metrics:
             self.metrics.observe_batch(lengths, seconds)
         return rewards

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from rm_server.batcher import Batcher, BatchPolicy, Pending
 from rm_server.errors import DeadlineExceeded, Overloaded
 from rm_server.metrics import Metrics
+from rm_server.model_time import ModelTimeEstimate
 from rm_server.service import UnarySink
 
 
@@ -350,15 +352,17 @@ def test_flooding_client_does_not_starve_another():
 
 
 def test_sample_that_cannot_finish_before_its_deadline_is_not_computed():
-    """After one measured batch, a sample whose deadline is closer than the estimated model
-    time of its batch is refused with DEADLINE_EXCEEDED instead of computed."""
+    """After three measured batches of its shape (a quorum: see ModelTimeEstimate), a sample
+    whose deadline is closer than their model time is refused with DEADLINE_EXCEEDED instead
+    of computed."""
     async def main():
         model = FakeModel(delay=0.1)
         b = Batcher(model, BatchPolicy(1, 4096, 0.0))
         b.start()
-        first = UnarySink(1)
-        b.submit([Pending("warm", [1] * 10, first, time.monotonic())])
-        await first.future  # ~0.1 s for 10 tokens: the estimate is ~0.01 s per token
+        for i in range(3):
+            first = UnarySink(1)
+            b.submit([Pending(f"warm{i}", [1] * 10, first, time.monotonic())])
+            await first.future  # each ~0.1 s: the model needs at least that for 1 x 10
         tight, roomy = Sink(), UnarySink(1)
         now = time.monotonic()
         b.submit([Pending("tight", [1] * 10, tight, now, deadline=now + 0.03)])
@@ -368,8 +372,84 @@ def test_sample_that_cannot_finish_before_its_deadline_is_not_computed():
         return model, tight
 
     model, tight = run(main())
-    assert model.batches == [[10], [10]]  # "tight" never reached the model
+    assert model.batches == [[10]] * 4  # "tight" never reached the model
     assert isinstance(tight.errors[0][0], DeadlineExceeded)
+
+
+class FixedCostModel:
+    """Model time a + b * padded tokens, as real models (a fixed cost per call dominates small
+    batches); records the batches it ran."""
+
+    def __init__(self, per_call=0.05, per_token=1e-5):
+        self.per_call, self.per_token, self.batches = per_call, per_token, []
+
+    def __call__(self, seqs):
+        self.batches.append([len(s) for s in seqs])
+        time.sleep(self.per_call + self.per_token * len(seqs) * max(map(len, seqs)))
+        return [0.0] * len(seqs)
+
+
+def test_short_requests_do_not_make_full_batches_look_too_slow():
+    """The livelock of a per-token rate: after 2-token requests (50 ms each, nearly all fixed
+    cost), a rate of 25 ms per token put 16 x 60 tokens at 24 s and refused every full batch
+    with a deadline, for ever (a refused batch never corrects the rate). It runs in ~60 ms:
+    with a 0.5 s deadline every round must be answered."""
+    async def main():
+        model = FixedCostModel()
+        b = Batcher(model, BatchPolicy(16, 4096, 0.0))
+        b.start()
+        for i in range(3):  # a smoke test, or another tenant's short samples
+            short = UnarySink(1)
+            b.submit([Pending(f"short{i}", [1, 2], short, time.monotonic())])
+            await short.future
+        errors = []
+        for r in range(4):
+            full, now = UnarySink(16), time.monotonic()
+            b.submit([Pending(f"r{r}-{i}", [3] * 60, full, now, deadline=now + 0.5)
+                      for i in range(16)])
+            try:
+                await full.future
+            except DeadlineExceeded as e:
+                errors.append(e)
+        await b.stop()
+        return model.batches, errors
+
+    batches, errors = run(main())
+    assert not errors
+    assert batches == [[2]] * 3 + [[60] * 16] * 4
+
+
+def test_model_time_bound_needs_a_quorum_and_expires():
+    est = ModelTimeEstimate(window=8, quorum=3, max_age=10.0)
+    est.observe(1, 2, 0.05, now=0.0)
+    assert est.lower_bound(16, 60, now=0.0) == 0.0  # one batch is no evidence: run
+    est.observe(1, 2, 0.05, now=0.0)
+    est.observe(1, 2, 0.05, now=0.0)
+    # three short batches prove their own time for a bigger batch, not 480 times it
+    assert est.lower_bound(16, 60, now=1.0) == pytest.approx(0.05)
+    for _ in range(3):
+        est.observe(16, 60, 0.2, now=5.0)
+    assert est.lower_bound(16, 60, now=5.0) == pytest.approx(0.2)
+    assert est.lower_bound(4, 60, now=5.0) == pytest.approx(0.05)  # a quarter of the rows
+    assert est.lower_bound(16, 30, now=5.0) == pytest.approx(0.05)  # half the length, squared
+    est.observe(16, 60, 30.0, now=5.0)  # one stall alone refuses nothing more
+    assert est.lower_bound(16, 60, now=5.0) == pytest.approx(0.2)
+    assert est.lower_bound(16, 60, now=16.0) == 0.0  # a slow spell is forgotten
+
+
+def test_model_time_bound_never_exceeds_the_time_of_a_real_shape():
+    """For any model whose time is a + n * (b * L + c * L**2) (fixed cost, per token,
+    attention), the estimate stays below the true time of any batch shape."""
+    rng = random.Random(0)
+    for _ in range(200):
+        a, b, c = rng.uniform(0, 0.1), rng.uniform(0, 1e-4), rng.uniform(0, 1e-6)
+        t = lambda n, L: a + n * (b * L + c * L * L)  # noqa: E731
+        est = ModelTimeEstimate()
+        for _ in range(rng.randrange(3, 40)):
+            n, L = rng.randrange(1, 64), rng.randrange(1, 2048)
+            est.observe(n, L, t(n, L), now=0.0)
+        n, L = rng.randrange(1, 64), rng.randrange(1, 2048)
+        assert est.lower_bound(n, L, now=0.0) <= t(n, L) * (1 + 1e-9)
 
 
 def test_streams_fill_only_half_the_queue_leaving_room_for_unary_calls():

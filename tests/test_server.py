@@ -245,6 +245,24 @@ def test_deadline_and_metrics_codes(server, stub):
     assert after["rm_queue_depth"] == 0 and after["rm_inflight_requests"] == 0
 
 
+def test_short_requests_do_not_make_full_batches_miss_their_deadline(model_dir):
+    """A fresh server's first batch is one token; then 16 x 120-token requests with a 1 s
+    deadline, a few milliseconds of model time. A per-token rate learnt from the first batch
+    put each full batch at a second or more and refused them all, every round."""
+    s = start_server(model_dir, "--max-batch-size", "16", "--max-batch-tokens", "4096")
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            stub = pb_grpc.RewardServiceStub(ch)
+            stub.Score(pb.ScoreRequest(samples=[token_sample("one", [10])]), timeout=10)
+            for r in range(5):
+                req = pb.ScoreRequest(samples=[
+                    token_sample(f"{r}-{i}", [10 + (r + i + j) % 250 for j in range(120)])
+                    for i in range(16)])
+                assert len(stub.Score(req, timeout=1.0).results) == 16
+    finally:
+        assert s.stop() == 0, s.log()
+
+
 def test_sync_client_and_overload(model_dir):
     """A tiny queue under concurrent load: UNAVAILABLE with retry-after-ms, then the client
     library's retries get every sample through."""

@@ -19,9 +19,10 @@ for the model to free up (more samples may arrive meanwhile, at no cost in laten
 are grouped by length around the oldest one (which is always taken, so nothing starves): on a
 2-core CPU, FIFO batches carried ~70% padding and ran slower than single requests (NOTES.md).
 
-Cancelled calls, samples whose deadline passed and samples whose deadline passes before their
-batch could finish (a lower bound on the model time: :mod:`rm_server.model_time`) are dropped
-here, before the model.
+Work nobody can receive is not computed: a cancelled call's samples, samples whose deadline
+passed, samples whose deadline passes before their batch could finish (a lower bound on the
+model time: :mod:`rm_server.model_time`), and the other samples of a call that already failed
+are dropped here, before the model.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class Sink(Protocol):
 
     def deliver(self, results: list[tuple["Pending", float]]) -> None: ...
 
-    def fail(self, exc: BaseException, items: list["Pending"]) -> None: ...
+    def fail(self, exc: BaseException, items: list["Pending"]) -> None:
+        """End the call with ``exc`` (the batcher then drops the call's other samples)."""
 
 
 @dataclass(eq=False)
@@ -230,7 +232,8 @@ class Batcher:
         self.submit(items)
 
     def cancel(self, sink: Sink) -> int:
-        """Drop a call's queued samples (client cancelled or deadline passed)."""
+        """Drop a call's queued samples (client cancelled, deadline passed, or the call already
+        failed); samples of it already in a formed batch are skipped (:meth:`_still_wanted`)."""
         sink.cancelled = True
         before = len(self.pending)
         self.pending = [p for p in self.pending if p.sink is not sink]
@@ -318,17 +321,16 @@ class Batcher:
             self._deliver(batch, rewards)
 
     def _still_wanted(self, batch: list[Pending]) -> list[Pending]:
-        """Drop samples cancelled while their batch waited, and samples whose deadline passes
-        before this batch could finish (a lower bound on its model time, so that only work
-        that cannot finish is refused): a result nobody can receive is not computed."""
+        """Drop samples whose call ended while their batch waited, and samples whose deadline
+        passes before this batch could finish (a lower bound on its model time, so that only
+        work that cannot finish is refused): a result nobody can receive is not computed."""
         live = [p for p in batch if not p.dropped]
         if not live:
             return []
         now = self.clock()
         finish = now + self.model_time.lower_bound(len(live), max(p.length for p in live), now)
-        expired = [p for p in live if p.deadline is not None and p.deadline <= finish]
-        self._expire(expired)
-        return [p for p in live if p.deadline is None or p.deadline > finish]
+        self._expire([p for p in live if p.deadline is not None and p.deadline <= finish])
+        return [p for p in live if not p.dropped]  # an expired sample ended its call
 
     async def _forward(self, batch: list[Pending]) -> list[float] | None:
         """The batch's rewards from the model thread; on a model fault its calls fail and
@@ -344,8 +346,7 @@ class Batcher:
             rewards = await loop.run_in_executor(self._executor, self.score_fn, seqs)
         except Exception as exc:  # a model fault fails this batch's calls, not the server
             for sink, items in _by_sink(batch).items():
-                if not sink.cancelled:
-                    sink.fail(exc, items)
+                self._fail(sink, exc, items)
             return None
         seconds = self.clock() - t0
         self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * seconds
@@ -382,8 +383,16 @@ class Batcher:
             return
         self._count_rejected("deadline", len(expired))
         for sink, items in _by_sink(expired).items():
-            if not sink.cancelled:
-                sink.fail(DeadlineExceeded(f"{len(items)} sample(s) expired in the queue"), items)
+            self._fail(sink, DeadlineExceeded(f"{len(items)} sample(s) expired in the queue"),
+                       items)
+
+    def _fail(self, sink: Sink, exc: BaseException, items: list[Pending]) -> None:
+        """End a call with ``exc`` and drop its other queued samples: once a call has failed,
+        nobody receives its other results (a unary call answers all or nothing; a stream ends
+        at its first error)."""
+        if not sink.cancelled:
+            sink.fail(exc, items)
+            self.cancel(sink)
 
     def _set_depth(self) -> None:
         if len(self.pending) < self.stream_limit:

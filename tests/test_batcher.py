@@ -452,6 +452,29 @@ def test_model_time_bound_never_exceeds_the_time_of_a_real_shape():
         assert est.lower_bound(n, L, now=0.0) <= t(n, L) * (1 + 1e-9)
 
 
+def test_a_failed_unary_call_drops_its_other_samples():
+    """Once a unary call has failed (here its first batch hit a model fault), its other
+    samples are answered to nobody: they are dropped before the model; other calls go on."""
+    async def main():
+        model = FakeModel(delay=0.05, fail_on=13)
+        metrics = Metrics()
+        b = Batcher(model, BatchPolicy(1, 4096, 0.0), metrics=metrics)
+        b.start()
+        call, other = UnarySink(4), UnarySink(1)
+        t = time.monotonic()
+        b.submit([Pending(f"c{n}", [1] * n, call, t + i * 1e-6)
+                  for i, n in enumerate([13, 4, 5, 6])])
+        b.submit([Pending("other", [1] * 7, other, t + 1e-3)])
+        with pytest.raises(RuntimeError, match="model fault"):
+            await call.future
+        await other.future
+        await b.stop()
+        return model.batches, metrics.rejected.labels("cancelled")._value.get()
+
+    batches, cancelled = run(main())
+    assert batches == [[13], [7]] and cancelled == 3  # c4, c5, c6 never ran
+
+
 def test_streams_fill_only_half_the_queue_leaving_room_for_unary_calls():
     async def main():
         b = Batcher(FakeModel(), BatchPolicy(8, 4096, 10.0), max_queue=20)  # model never runs

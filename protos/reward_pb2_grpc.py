@@ -67,7 +67,8 @@ class RewardServiceServicer:
     """
 
     def Score(self, request, context):
-        """Unary: all samples of the request are answered together.
+        """Unary: all samples of the request are answered together, in one response whose results
+        are in request order (result i answers sample i).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

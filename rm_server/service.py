@@ -24,7 +24,8 @@ SERVICE_NAME = "rlhf.reward.v1.RewardService"
 
 
 class UnarySink:
-    """Collects a unary call's results; the future resolves when every sample is answered."""
+    """Collects a unary call's results; the future resolves when every sample is answered
+    (in the order batches finished: :meth:`RewardServicer.Score` restores request order)."""
 
     def __init__(self, n: int):
         self.cancelled = False
@@ -210,6 +211,8 @@ class RewardServicer:
         return items
 
     async def Score(self, raw: bytes, context) -> pb.ScoreResponse:
+        """All of the request's results, in request order (as TEI and vLLM answer, and as a
+        raw stub or grpcurl user reads them), whatever order their batches ran in."""
         request = parse(raw, pb.ScoreRequest)
         sink = UnarySink(len(request.samples))
         items = await self.prepare(request, sink, context, set())
@@ -219,7 +222,8 @@ class RewardServicer:
         except asyncio.CancelledError:  # client cancelled or deadline: drop queued samples
             self.batcher.cancel(sink)
             raise
-        return result_message(results)
+        position = {id(p): i for i, p in enumerate(items)}
+        return result_message(sorted(results, key=lambda r: position[id(r[0])]))
 
     async def ScoreStream(self, raw_iterator, context):
         sink = StreamSink()

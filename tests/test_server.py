@@ -124,6 +124,18 @@ def test_truncated_inputs_are_flagged(stub, reference):
     assert r.reward == pytest.approx(reference(long_ids[-128:]), abs=1e-5)
 
 
+def test_unary_results_in_request_order_on_a_raw_stub(stub, reference):
+    """The length grouping batches long samples with long ones, out of request order; a raw
+    stub (no client library to reorder) still reads result i as sample i's."""
+    lengths = [60, 3, 61, 2, 59, 5, 1, 62, 4, 58]
+    samples = [token_sample(f"s{i}", [10 + (i * 7 + j) % 250 for j in range(n)])
+               for i, n in enumerate(lengths)]
+    res = stub.Score(pb.ScoreRequest(samples=samples), timeout=10).results
+    assert [r.id for r in res] == [s.id for s in samples]
+    assert [r.num_tokens for r in res] == lengths
+    assert res[3].reward == pytest.approx(reference(list(samples[3].tokens.ids)), abs=1e-5)
+
+
 def test_concurrent_stream_clients_every_id_once_with_its_score(server, reference):
     """8 clients x 50 samples over streams, all at once: each id answered exactly once, right."""
     rng = random.Random(0)

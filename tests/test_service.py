@@ -1,10 +1,12 @@
-"""The servicer's request preparation in-process (no sockets): where tokenization runs, which
-error a request with several bad samples gets, and the encoder's prompt cache."""
+"""The servicer in-process (no sockets): where tokenization runs, which error a request with
+several bad samples gets, the encoder's prompt cache, and the order of a unary call's
+results."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -112,3 +114,42 @@ def test_a_prompt_is_tokenized_once_for_its_k_responses(tokenizer):
     for g, r in zip(chats, responses):
         want = plain.encode(ChatInput(history + (("assistant", r),)))
         assert (g.ids, g.prompt_length) == (want.ids, want.prompt_length) and g.prompt_length > 0
+
+
+class Recorder:
+    """A fake model: records the batches (each sample's first id) it ran."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, seqs):
+        self.batches.append([s[0] for s in seqs])
+        time.sleep(0.002)
+        return [float(len(s)) for s in seqs]
+
+
+def serve(tokenizer, calls, policy):
+    """Run ``calls`` ((context, request) pairs) through ``Score`` concurrently; the responses
+    and the batches the model ran."""
+    async def main():
+        model = Recorder()
+        svc = RewardServicer(Batcher(model, policy, max_queue=10_000))
+        svc.model = Model(tokenizer)
+        svc.batcher.start()
+        out = await asyncio.gather(*(svc.Score(req.SerializeToString(), ctx)
+                                     for ctx, req in calls))
+        await svc.batcher.stop()
+        return out, model.batches
+    return asyncio.run(main())
+
+
+def test_unary_results_come_back_in_request_order(tokenizer):
+    """The length grouping runs long samples with long ones: the batch order differs from the
+    request order, the response does not."""
+    lengths = [40, 5, 41, 3, 40, 7, 2, 39]
+    req = pb.ScoreRequest(samples=[tokens(f"s{i}", [i + 1] * n) for i, n in enumerate(lengths)])
+    (resp,), batches = serve(tokenizer, [(Context(), req)], BatchPolicy(4, 10**6, 0.0))
+    ran = [first_id for b in batches for first_id in b]
+    assert ran != sorted(ran)  # the model saw them out of request order
+    assert [r.id for r in resp.results] == [f"s{i}" for i in range(8)]
+    assert [r.num_tokens for r in resp.results] == lengths

@@ -1,23 +1,17 @@
 """Dynamic batching across all requests and clients.
 
 Samples from every RPC wait in one bounded queue. :class:`BatchPolicy` (pure, no clock, no
-sockets) decides when a batch closes and which samples it takes; :class:`Batcher` runs it on
-the event loop and hands batches to one model thread, so the loop keeps answering (health
-included) during a long batch.
+sockets; ``batch_policy.py``) decides when a batch closes and which samples it takes;
+:class:`Batcher` runs it on the event loop and hands batches to one model thread, so the loop
+keeps answering (health included) during a long batch.
 
-A batch closes when it is full (``max_batch_size`` samples, or ``max_batch_tokens`` of padded
-cost ``max_len * n``) or when its oldest sample has waited ``max_wait``; and at once when calls
-arrive further apart than ``max_wait`` on average (a running mean of the gaps between calls):
-then waiting would bring no company and only add latency (one client at a time, or a quiet
-service: measured, 5 ms of wait cost a lone 64-token request about 10 ms). While the model runs a
-batch, the next one is due as soon as a full batch is queued, but it takes its samples only
-when the model frees up (late binding): by then the queue holds everything that arrived
-meanwhile, so the length grouping picks from more samples and pads less (64 closed-loop
-clients: a batch chosen from ~50 queued samples instead of the first ~13). The hand-off
-starts the next batch before the finished batch's callers resume. A partial batch waits
-for the model to free up (more samples may arrive meanwhile, at no cost in latency). Samples
-are grouped by length around the oldest one (which is always taken, so nothing starves): on a
-2-core CPU, FIFO batches carried ~70% padding and ran slower than single requests (NOTES.md).
+While the model runs a batch, the next one is due as soon as a full batch is queued, but it
+takes its samples only when the model frees up (late binding): by then the queue holds
+everything that arrived meanwhile, so the length grouping picks from more samples and pads
+less. The hand-off starts the next batch before the finished batch's callers resume. A
+partial batch waits for the model to free up (more samples may arrive meanwhile, at no cost
+in latency). The anchor of each batch is the oldest sample of the fairness key served least
+recently, so keys take turns (bench/RESULTS.md has the measurements behind these choices).
 
 Work nobody can receive is not computed: a cancelled call's samples, samples whose deadline
 passed, samples whose deadline passes before their batch could finish (a lower bound on the
@@ -30,139 +24,14 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Hashable
 
+from rm_server.batch_policy import BatchPolicy, Pending, Sink  # noqa: F401 (re-exported)
 from rm_server.errors import DeadlineExceeded, Overloaded
 from rm_server.model_time import ModelTimeEstimate
 
 
 GAP_EMA = 0.25  # weight of the newest gap in the running mean of gaps between calls
-
-
-class Sink(Protocol):
-    """Where a call's results go: one per RPC (unary future or stream queue)."""
-
-    cancelled: bool
-
-    def deliver(self, results: list[tuple["Pending", float]]) -> None: ...
-
-    def fail(self, exc: BaseException, items: list["Pending"]) -> None:
-        """End the call with ``exc`` (the batcher then drops the call's other samples)."""
-
-
-@dataclass(eq=False)
-class Pending:
-    """One sample waiting for the model."""
-
-    sample_id: str
-    ids: list[int]
-    sink: Sink
-    enqueued: float
-    deadline: float | None = None  # time.monotonic() after which the result is useless
-    client: str = ""
-    truncated: bool = False
-
-    @property
-    def length(self) -> int:
-        return len(self.ids)
-
-    @property
-    def dropped(self) -> bool:
-        return self.sink.cancelled
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    max_batch_size: int = 32
-    max_batch_tokens: int = 8192
-    max_wait: float = 0.005
-
-    def cost(self, lengths: list[int]) -> int:
-        return max(lengths) * len(lengths) if lengths else 0
-
-    def is_full(self, pending: list[Pending]) -> bool:
-        """Would a batch formed now be closed by size or token budget?"""
-        if len(pending) >= self.max_batch_size:
-            return True
-        return self.cost([p.length for p in pending]) >= self.max_batch_tokens
-
-    def ready(self, pending: list[Pending], now: float, batches_in_flight: int,
-              mean_gap: float = 0.0) -> bool:
-        """Close a batch now? ``mean_gap``: the running mean of the seconds between calls; when
-        it exceeds ``max_wait`` no company is expected within the wait, so an idle model
-        takes what is queued at once."""
-        if not pending or batches_in_flight >= 2:
-            return False
-        if self.is_full(pending):
-            return True
-        if batches_in_flight:
-            return False
-        return mean_gap > self.max_wait or now - min(p.enqueued for p in pending) >= self.max_wait
-
-    def select(self, pending: list[Pending], anchor: Pending | None = None) -> list[Pending]:
-        """Take ``anchor`` (default: the oldest sample) and its nearest neighbours by length.
-
-        Greedy: from the anchor, walk outwards in length order, each step taking the neighbour
-        that adds the least padding (a shorter one pads itself up to the longest; a longer one
-        pads every sample already taken), while size and token budget allow. Fairness: with k
-        clients waiting, each may fill at most ceil(max_batch_size / k) slots in this walk;
-        slots still free afterwards go to anyone (work-conserving).
-        """
-        order = sorted(pending, key=lambda p: (p.length, p.enqueued))
-        anchor = anchor or min(pending, key=lambda p: p.enqueued)
-        start = order.index(anchor)
-        clients = {p.client for p in pending}
-        cap = -(-self.max_batch_size // len(clients))
-        taken = self._walk(order, start, cap)
-        if len(clients) > 1 and len(taken) < self.max_batch_size:
-            rest = [p for p in order if p not in taken]
-            if rest:  # second pass without caps, around the batch's longest sample
-                longest = max(taken, key=lambda p: p.length)
-                merged = sorted(taken + rest, key=lambda p: (p.length, p.enqueued))
-                taken = self._walk(merged, merged.index(longest), self.max_batch_size,
-                                   must=taken)
-        return taken
-
-    def _walk(self, order: list[Pending], start: int, cap: int,
-              must: list[Pending] | None = None) -> list[Pending]:
-        taken = list(must) if must else [order[start]]
-        per_client: dict[str, int] = {}
-        for p in taken:
-            per_client[p.client] = per_client.get(p.client, 0) + 1
-        longest = max(p.length for p in taken)
-        chosen = set(map(id, taken))
-        lo, hi = start - 1, start + 1
-        while len(taken) < self.max_batch_size:
-            while lo >= 0 and id(order[lo]) in chosen:
-                lo -= 1
-            while hi < len(order) and id(order[hi]) in chosen:
-                hi += 1
-            n = len(taken)
-            options = []  # (added padding, new cost, side)
-            if lo >= 0:
-                options.append((max(0, longest - order[lo].length),
-                                (n + 1) * max(longest, order[lo].length), -1))
-            if hi < len(order):
-                nxt = order[hi].length
-                options.append((max(0, nxt - longest) * n, (n + 1) * max(longest, nxt), 1))
-            options = [o for o in options if o[1] <= self.max_batch_tokens]
-            if not options:
-                break
-            _, _, side = min(options)
-            i = lo if side < 0 else hi
-            if side < 0:
-                lo -= 1
-            else:
-                hi += 1
-            p = order[i]
-            if per_client.get(p.client, 0) >= cap:
-                continue  # this client has its share: skip, keep walking
-            per_client[p.client] = per_client.get(p.client, 0) + 1
-            taken.append(p)
-            chosen.add(id(p))
-            longest = max(longest, p.length)
-        return taken
 
 
 class Batcher:
@@ -183,7 +52,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rm-model")
         self._task: asyncio.Task | None = None
         self._model_slot = asyncio.Lock()
-        self._served_at: dict[str, int] = {}  # client -> last batch number that served it
+        self._served_at: dict[Hashable, int] = {}  # fairness key -> last batch that served it
         self._batch_no = 0
         self._ema_batch_seconds = 0.0
         self.model_time = ModelTimeEstimate()  # refuses only work that cannot finish
@@ -295,13 +164,17 @@ class Batcher:
         """Select a batch (:meth:`BatchPolicy.select`) and take it off the queue."""
         if not self.pending:
             return []
-        batch = self.policy.select(self.pending, self._fair_anchor())
+        keys = self.policy.fair_keys(self.pending)
+        for key in set(keys.values()):  # a key first seen now queues behind those served
+            self._served_at.setdefault(key, self._batch_no)
+        anchor = min(self.pending, key=lambda p: (self._served_at[keys[id(p)]], p.enqueued))
+        batch = self.policy.select(self.pending, anchor, keys)
         self._batch_no += 1
         for p in batch:
-            self._served_at[p.client] = self._batch_no
-        if len(self._served_at) > 4 * self.max_queue:  # client ids come from clients
-            live = {p.client for p in self.pending}
-            self._served_at = {c: n for c, n in self._served_at.items() if c in live}
+            self._served_at[keys[id(p)]] = self._batch_no
+        if len(self._served_at) > 4 * self.max_queue:  # one key per peer and id: prune
+            live = set(keys.values())
+            self._served_at = {k: n for k, n in self._served_at.items() if k in live}
         taken = set(map(id, batch))
         self.pending = [p for p in self.pending if id(p) not in taken]
         self._set_depth()
@@ -363,10 +236,6 @@ class Batcher:
         for sink, results in by_sink.values():
             if not sink.cancelled:
                 sink.deliver(results)
-
-    def _fair_anchor(self) -> Pending:
-        """The oldest sample of the client served least recently: clients take turns."""
-        return min(self.pending, key=lambda p: (self._served_at.get(p.client, 0), p.enqueued))
 
     def _drop_expired(self) -> None:
         now = self.clock()

@@ -123,6 +123,28 @@ def _encode_all(encoder, inputs) -> list[tuple[int, object]]:
     return out
 
 
+def caller_peer(context) -> str:
+    """Who the caller is, for fair scheduling: the fairness key is (this, x-client-id), with a
+    bounded number of ids per peer (:meth:`BatchPolicy.fair_keys`).
+
+    The certificate identity when the client authenticated with one (mTLS): verified, and the
+    same from any address. Otherwise the caller's host address without its port
+    (``ipv4:10.0.0.7``). Not the connection (address with port): a channel is free to open,
+    so a caller opening one per request (on purpose, or a script that builds a channel per
+    call) would take one share per request again. The cost: callers behind one address (the
+    trainers of one host, or everyone behind a NAT or proxy) share that address's
+    ``max_ids_per_peer`` ids, told apart by their x-client-id up to that bound; give each its
+    own client certificate to tell more apart.
+    """
+    identities = getattr(context, "peer_identities", lambda: None)()
+    if identities:
+        return "id:" + b",".join(identities).decode(errors="replace")
+    peer = getattr(context, "peer", lambda: "")() or ""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]  # drop the port; the host may hold colons (IPv6)
+    return peer  # unix sockets and others: one peer per name
+
+
 def result_message(results) -> pb.ScoreResponse:
     return pb.ScoreResponse(results=[
         pb.ScoreResult(id=p.sample_id, reward=r, num_tokens=p.length, truncated=p.truncated)
@@ -172,6 +194,7 @@ class RewardServicer:
         remaining = context.time_remaining()
         deadline = now + remaining if remaining is not None else None
         client = dict(context.invocation_metadata() or ()).get("x-client-id", "")
+        peer = caller_peer(context)
         encoder = model.encoder
         encoded: list = []  # Encoded, or None until the tokenizer thread fills it
         to_tokenize: list[tuple[int, str, object]] = []  # (position, id, domain input)
@@ -204,7 +227,7 @@ class RewardServicer:
                 encoded[pos] = enc
         if error is not None:
             raise error
-        items = [Pending(sid, enc.ids, sink, now, deadline, client, enc.truncated)
+        items = [Pending(sid, enc.ids, sink, now, deadline, client, enc.truncated, peer)
                  for sid, enc in zip(ids, encoded)]
         if self.metrics:
             self.metrics.truncated.inc(sum(p.truncated for p in items))

@@ -351,6 +351,69 @@ def test_flooding_client_does_not_starve_another():
     assert a_done <= 120
 
 
+def flood(heavy_requests=200, per_request=2, light=32):
+    """A heavy peer putting a fresh x-client-id on every request, then a light peer's call."""
+    heavy = [Pending(f"h{r}-{i}", [1] * 10, Sink(), r + i / 10, client=f"fresh-{r}",
+                     peer="ipv4:10.0.0.1") for r in range(heavy_requests)
+             for i in range(per_request)]
+    calm = [Pending(f"l{i}", [2] * 10, Sink(), 10_000 + i, client="trainer",
+                    peer="ipv4:10.0.0.2") for i in range(light)]
+    return heavy, calm
+
+
+def test_fresh_client_ids_do_not_multiply_a_peers_share():
+    """Keyed on x-client-id alone, 200 invented ids took 200 of 201 shares and the light
+    client none of this batch. A peer holds at most max_ids_per_peer ids (the rest share one
+    key): 10 keys here, and the light client gets its max-min share."""
+    p = BatchPolicy(max_batch_size=32, max_batch_tokens=10**6, max_wait=0, max_ids_per_peer=8)
+    heavy, calm = flood()
+    keys = p.fair_keys(heavy + calm)
+    assert len(set(keys.values())) == 8 + 1 + 1
+    batch = p.select(heavy + calm)  # anchored on the heavy peer's oldest sample
+    light = sum(x.client == "trainer" for x in batch)
+    # the 8 ids held take their 2 samples each; the folded ids and the light client split 16
+    assert len(batch) == 32 and light == 8
+
+
+def test_quotas_are_max_min_fair_and_sum_to_the_batch():
+    p = BatchPolicy(max_batch_size=32)
+    q = p.quotas({"a": 2, "b": 100, "c": 3, "d": 100}, first="d")
+    assert q == {"a": 2, "c": 3, "d": 14, "b": 13}  # the odd slot goes to the anchor's key
+    q = p.quotas({k: 5 for k in range(40)}, first=7)  # more keys than slots
+    assert sum(q.values()) == 32 and q[7] == 1
+    assert p.quotas({"a": 1}, first="a") == {"a": 1}
+
+
+def test_flood_of_fresh_client_ids_does_not_starve_another_peer():
+    """Through the batcher (anchors rotate by key): the light peer's 32 samples are all
+    served within a few batches of 32, not trickled out behind 200 invented ids."""
+    async def main():
+        model = FakeModel(delay=0.002)
+        b = Batcher(model, BatchPolicy(32, 10**6, 0.0), max_queue=10_000)
+        b.start()
+        heavy, calm = flood()
+        now = time.monotonic()
+        for group in (heavy, calm):
+            for p in group:
+                p.enqueued = now + p.enqueued * 1e-6
+        calls = [UnarySink(2) for _ in range(200)]
+        for r, sink in enumerate(calls):
+            for p in heavy[2 * r:2 * r + 2]:
+                p.sink = sink
+            b.submit(heavy[2 * r:2 * r + 2])
+        light = UnarySink(32)
+        for p in calm:
+            p.sink = light
+        b.submit(calm)
+        await light.future
+        done = len(model.batches)
+        await asyncio.gather(*(s.future for s in calls))
+        await b.stop()
+        return done
+
+    assert run(main()) <= 5  # 8 slots a batch (see above): 4 batches
+
+
 def test_sample_that_cannot_finish_before_its_deadline_is_not_computed():
     """After three measured batches of its shape (a quorum: see ModelTimeEstimate), a sample
     whose deadline is closer than their model time is refused with DEADLINE_EXCEEDED instead

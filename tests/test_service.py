@@ -1,6 +1,6 @@
 """The servicer in-process (no sockets): where tokenization runs, which error a request with
-several bad samples gets, the encoder's prompt cache, and the order of a unary call's
-results."""
+several bad samples gets, the encoder's prompt cache, who a caller is for fair scheduling, and
+the order of a unary call's results."""
 
 from __future__ import annotations
 
@@ -14,15 +14,24 @@ from protos import reward_pb2 as pb
 from rm_server.batcher import Batcher, BatchPolicy
 from rm_server.encoding import ChatInput, Encoder, TextInput
 from rm_server.errors import InvalidArgument
-from rm_server.service import RewardServicer, StreamSink
+from rm_server.service import RewardServicer, StreamSink, caller_peer
 
 
 class Context:
+    def __init__(self, client="t", peer="ipv4:127.0.0.1:50000", identities=None):
+        self.client, self._peer, self.identities = client, peer, identities
+
     def time_remaining(self):
         return None
 
     def invocation_metadata(self):
-        return (("x-client-id", "t"),)
+        return (("x-client-id", self.client),)
+
+    def peer(self):
+        return self._peer
+
+    def peer_identities(self):
+        return self.identities
 
 
 class RecordingEncoder(Encoder):
@@ -116,6 +125,17 @@ def test_a_prompt_is_tokenized_once_for_its_k_responses(tokenizer):
         assert (g.ids, g.prompt_length) == (want.ids, want.prompt_length) and g.prompt_length > 0
 
 
+def test_caller_peer_is_the_verified_identity_or_the_host_without_port():
+    assert caller_peer(Context(peer="ipv4:10.1.2.3:53412")) == "ipv4:10.1.2.3"
+    assert caller_peer(Context(peer="ipv4:10.1.2.3:53999")) == "ipv4:10.1.2.3"  # any connection
+    assert caller_peer(Context(peer="ipv6:[::1]:53412")) == "ipv6:[::1]"
+    assert caller_peer(Context(peer="ipv6:%5B::1%5D:53412")) == "ipv6:%5B::1%5D"
+    assert caller_peer(Context(peer="unix:/run/rm.sock")) == "unix:/run/rm.sock"
+    assert caller_peer(Context(peer="ipv4:10.1.2.3:1", identities=[b"trainer-7"])) == \
+        "id:trainer-7"  # mTLS: the certificate, from any address
+    assert caller_peer(object()) == ""  # a context that knows nothing: one anonymous peer
+
+
 class Recorder:
     """A fake model: records the batches (each sample's first id) it ran."""
 
@@ -141,6 +161,21 @@ def serve(tokenizer, calls, policy):
         await svc.batcher.stop()
         return out, model.batches
     return asyncio.run(main())
+
+
+def test_a_fresh_client_id_per_request_does_not_starve_another_caller(tokenizer):
+    """A heavy caller sends 200 requests, each on a new connection with a fresh x-client-id;
+    a light caller on another host sends 32 samples after them. Keyed on x-client-id, the
+    light call trickled out over many batches of 32 behind the 200 invented ids; keyed on
+    the peer with bounded ids, it is done within a few."""
+    calls = [(Context(f"fresh-{r}", f"ipv4:10.0.0.1:{40000 + r}"),
+              pb.ScoreRequest(samples=[tokens(f"h{r}-{i}", [1] + [5] * 9) for i in range(2)]))
+             for r in range(200)]
+    calls.append((Context("trainer", "ipv4:10.0.0.2:5555"),
+                  pb.ScoreRequest(samples=[tokens(f"l{i}", [2] + [5] * 9) for i in range(32)])))
+    _, batches = serve(tokenizer, calls, BatchPolicy(32, 10**6, 0.0))
+    light_done = max(i for i, b in enumerate(batches) if 2 in b) + 1
+    assert sum(b.count(2) for b in batches) == 32 and light_done <= 5
 
 
 def test_unary_results_come_back_in_request_order(tokenizer):

@@ -258,9 +258,10 @@ def test_deadline_and_metrics_codes(server, stub):
 
 
 def test_short_requests_do_not_make_full_batches_miss_their_deadline(model_dir):
-    """A fresh server's first batch is one token; then 16 x 120-token requests with a 1 s
-    deadline, a few milliseconds of model time. A per-token rate learnt from the first batch
-    put each full batch at a second or more and refused them all, every round."""
+    """A fresh server's first batch is one token; then 16 x 120-token requests with a 0.5 s
+    deadline, milliseconds of model time. A per-token rate learnt from the first batch put
+    each full batch at about 1920 times a one-token call (a second or more) and refused them
+    all, every round."""
     s = start_server(model_dir, "--max-batch-size", "16", "--max-batch-tokens", "4096")
     try:
         with grpc.insecure_channel(s.address) as ch:
@@ -270,7 +271,7 @@ def test_short_requests_do_not_make_full_batches_miss_their_deadline(model_dir):
                 req = pb.ScoreRequest(samples=[
                     token_sample(f"{r}-{i}", [10 + (r + i + j) % 250 for j in range(120)])
                     for i in range(16)])
-                assert len(stub.Score(req, timeout=1.0).results) == 16
+                assert len(stub.Score(req, timeout=0.5).results) == 16
     finally:
         assert s.stop() == 0, s.log()
 

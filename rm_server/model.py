@@ -7,11 +7,14 @@ alone (the parity rule, tested per architecture):
   its final norm replaced by identity, then ``kernels.last_token_score`` gathers the scored row
   of each sequence, applies the final norm and the score head to those B rows only (HF runs
   norm and head over all B*T positions, then picks one row per sequence). The last decoder
-  layer's MLP, too, runs on the B scored rows only (rm_server/last_token.py): its output at any
-  other position feeds nothing (a causal model's later layers do not exist, the head reads
-  one row), while its attention still sees every position. That is 1/L of the MLP work, the
-  bulk of a layer (8-9% of the CPU time of 6- and 8-layer RMs at 64 tokens, bench/RESULTS.md).
-- "forward" (anything else, e.g. BERT/DeBERTa encoder RMs): the model's own forward.
+  layer's MLP, too, runs on the B scored rows only (rm_server/last_token.py): its output at
+  any other position feeds nothing, while its attention still sees every position.
+- "forward" (anything else, e.g. BERT/DeBERTa encoder RMs, decoders of other families): the
+  model's own forward on the padded batch. A decoder whose tokenizer has no pad id is the
+  exception: HF's forward then reads the last position and refuses batches > 1, so we run its
+  backbone on the padded batch and its ``score`` head on each sequence's last real row
+  (checked against the model's own forward at load), or, for a model without that shape, run
+  the samples one at a time (``forward_mode``).
 
 ``compile=True`` runs the padded batches through ``torch.compile`` (inductor, dynamic shapes)
 of the same module: it fuses the element-wise work between the matmuls (norms, rotary
@@ -28,7 +31,6 @@ else shares the batch (left padding would shift Llama's positions).
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 import kernels
+from rm_server.checkpoint import ModelLoadError, check_checkpoint, weights_version
 from rm_server.encoding import Encoder, tokenizer_fingerprint
 from rm_server.last_token import (FinalNorm, ScoredRowsMLP, describe_norm, last_layer_mlp,
                                   last_token_index, prefix_groups)
@@ -44,22 +47,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # model_type -> attribute of the backbone holding the final norm
 LAST_TOKEN_FAMILIES = {"gpt2": "ln_f", "llama": "norm", "qwen2": "norm", "qwen3": "norm",
                        "mistral": "norm", "gpt_neox": "final_layer_norm"}
-
-
-class ModelLoadError(Exception):
-    """The checkpoint cannot be served (missing, unreadable, not a scalar reward model)."""
-
-
-def weights_version(path: Path) -> str:
-    """sha256 (16 hex digits) of the weight files, in name order."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-    for p in files:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 class RewardModel:
@@ -73,20 +60,19 @@ class RewardModel:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise ModelLoadError(f"{self.path} is not a checkpoint directory (no config.json)")
+        check_checkpoint(self.path)
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         try:
             self.config = AutoConfig.from_pretrained(self.path)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                self.path, dtype=DTYPES[dtype]).to(device).eval()
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"cannot load {self.path}: {e}") from None
-        if self.model.config.num_labels != 1:
-            raise ModelLoadError(f"{self.path} has num_labels={self.model.config.num_labels}; "
-                                 "a reward model has one scalar output (num_labels=1)")
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                self.path, dtype=DTYPES[dtype], output_loading_info=True)
+        except Exception as e:  # whatever the loaders raise, the user sees one line
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelLoadError(f"cannot load {self.path}: {type(e).__name__}: {first}") from None
+        self._check_loaded(info["missing_keys"])
+        self.model = self.model.to(device).eval()
         self.name = name or self.path.resolve().name
         self.prefix_sharing, self.min_shared_prefix = prefix_sharing, min_shared_prefix
         self.dtype, self.device = dtype, torch.device(device)
@@ -101,10 +87,24 @@ class RewardModel:
         self._final_norm: FinalNorm | None = None
         self._rows_mlp: ScoredRowsMLP | None = None
         self.scoring_path = "forward" if force_forward else self._setup_last_token()
+        self.forward_mode = self._setup_forward() if self.scoring_path == "forward" else None
         self.reward_stats = self._read_reward_stats()
         self.compiled = compile
-        module = self._backbone if self.scoring_path == "last-token" else self.model
+        on_backbone = self.scoring_path == "last-token" or self.forward_mode == "rows"
+        module = self._backbone if on_backbone else self.model
         self._padded_module = self._compile(module) if compile else module
+
+    def _check_loaded(self, missing_keys: list[str]) -> None:
+        """One scalar output, and every weight from the checkpoint: a head that transformers
+        had to initialise (a base model saved under a classifier's config) would score noise."""
+        if self.model.config.num_labels != 1:
+            raise ModelLoadError(f"{self.path} has num_labels={self.model.config.num_labels}; "
+                                 "a reward model has one scalar output (num_labels=1)")
+        if missing_keys:
+            raise ModelLoadError(
+                f"{self.path} lacks {len(missing_keys)} weights of {type(self.model).__name__} "
+                f"(e.g. {sorted(missing_keys)[0]}): not a trained reward model; train one with "
+                f"`rm-server train --base {self.path} ...`")
 
     def _max_length(self, requested: int | None) -> int:
         cfg = self.model.config
@@ -131,6 +131,30 @@ class RewardModel:
         mlp = last_layer_mlp(backbone)
         self._rows_mlp = ScoredRowsMLP(mlp) if mlp is not None else None
         return "last-token"
+
+    def _setup_forward(self) -> str:
+        """How the forward path batches: "batch" (the model's own forward), "rows" or "single".
+
+        With no pad id HF's forward reads the last position and refuses batches > 1. A decoder
+        head (``score``: a Linear on the backbone's last hidden state) then runs on each
+        sequence's last real row of the padded batch ("rows"), kept only if it reproduces the
+        model's own forward on a probe; anything else runs one sample at a time ("single").
+        """
+        if self.pad_token_id is not None:
+            return "batch"
+        backbone = getattr(self.model, self.model.base_model_prefix, None)
+        head = getattr(self.model, "score", None)
+        if not isinstance(backbone, nn.Module) or not isinstance(head, nn.Linear):
+            return "single"
+        self._backbone, self._head = backbone, head
+        ids = torch.tensor([self.encoder.encode_text("a probe", " of the head")[0] or [0]],
+                           device=self.device)  # (1, T)
+        with torch.inference_mode():
+            want = self.model(input_ids=ids).logits[0, 0].float().item()
+            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state  # (1, T, H)
+            got = head(hidden[:, -1]).float()[0, 0].item()
+        tol = 1e-4 if self.dtype == "float32" else 2e-2
+        return "rows" if abs(got - want) <= tol * max(1.0, abs(want)) else "single"
 
     def _compile(self, module: nn.Module) -> nn.Module:
         """The padded path's module under ``torch.compile(dynamic=True)``.
@@ -189,6 +213,11 @@ class RewardModel:
         return out
 
     def _score_padded(self, seqs: list[list[int]]) -> list[float]:
+        if self.forward_mode == "single":  # HF's forward on each sample alone, as it allows
+            return [r for s in seqs for r in self._forward_padded([s])]
+        return self._forward_padded(seqs)
+
+    def _forward_padded(self, seqs: list[list[int]]) -> list[float]:
         last_token = self.scoring_path == "last-token"
         min_length = 2 if self.compiled and last_token else 1  # see _compile
         ids, mask, index = (x.to(self.device) for x in self.collate(seqs, min_length))
@@ -197,6 +226,11 @@ class RewardModel:
                 hidden = self._padded_module(input_ids=ids, attention_mask=mask,
                                              use_cache=False).last_hidden_state  # (B, T, H)
             rewards = self._head_on_rows(hidden, index)
+        elif self.forward_mode == "rows":
+            hidden = self._padded_module(input_ids=ids, attention_mask=mask,
+                                         use_cache=False).last_hidden_state  # (B, T, H)
+            rows = hidden[torch.arange(len(seqs), device=self.device), index]  # (B, H)
+            rewards = self._head(rows).float()  # (B, 1)
         else:
             logits = self._padded_module(input_ids=ids, attention_mask=mask).logits  # (B, 1)
             rewards = logits.float()

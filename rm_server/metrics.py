@@ -2,12 +2,27 @@
 
 Histograms in base units (seconds, samples, tokens), counters ending in ``_total``, bounded
 labels only (method names, status codes, a fixed set of rejection reasons). Each server owns a
-registry, so tests can run several servers in one process.
+registry, so tests can run several servers in one process; it carries the standard process and
+Python collectors (``process_*``, ``python_*``) as every prometheus-client exporter does.
+
+Labelled series known at start (rejections per reason; requests with code OK and latency per
+method, :meth:`Metrics.init_methods`) exist from the first scrape at zero: ``rate()`` cannot see
+the first burst of a series that appears with a non-zero value, so a burst shorter than the
+scrape interval would never show, and ``histogram_quantile`` over an absent histogram is NaN.
+
+:func:`serve_metrics` serves ``/metrics`` and answers 404 elsewhere (prometheus-client's own
+server answers the metrics on any path).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram,
+                               PlatformCollector, ProcessCollector, make_wsgi_app)
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -53,6 +68,15 @@ class Metrics:
         for reason in ("invalid", "queue_full", "not_ready", "deadline", "cancelled",
                        "unauthenticated", "internal"):
             self.rejected.labels(reason)  # expose zeros so rate() works from the start
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+    def init_methods(self, methods: list[str]) -> None:
+        """Zero series for each RPC method: requests with code OK, and its latency histogram."""
+        for method in methods:
+            self.requests.labels(method, "OK")
+            self.request_duration.labels(method)
 
     def observe_batch(self, lengths: list[int], seconds: float) -> None:
         n, longest = len(lengths), max(lengths)
@@ -63,3 +87,33 @@ class Metrics:
         self.batch_tokens.observe(padded)
         self.padding_ratio.observe(1.0 - sum(lengths) / padded)
         self.inference.observe(seconds)
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress never holds up the process's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - a log line per scrape is noise
+        pass
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
+    """Serve ``GET /metrics`` on ``host:port`` from a daemon thread; 404 on any other path.
+
+    Raises OSError if the port cannot be bound. Stop with ``shutdown()`` and ``server_close()``;
+    the bound port is ``server_port``.
+    """
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/metrics":
+            return metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"404 not found: the metrics are at /metrics\n"]
+
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv4 or IPv6
+    server_class = type("MetricsServer", (_ThreadingServer,), {"address_family": family})
+    httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd

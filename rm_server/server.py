@@ -3,8 +3,11 @@
 Lifecycle: bind the ports and answer health NOT_SERVING at once; load the checkpoint and run
 a warm-up batch on the model thread; then SERVING. On SIGTERM/SIGINT: NOT_SERVING, wait
 ``drain_delay_seconds`` (endpoints update while traffic still arrives), stop accepting RPCs,
-let in-flight calls finish within ``grace_seconds``, stop the batcher, exit 0. A checkpoint
-that cannot be loaded prints one line and exits 1.
+let in-flight calls finish within ``grace_seconds``, stop the batcher, exit 0.
+
+Failing to start is one line on stderr and exit 1, checked before anything binds where it can
+be: numbers out of range, a checkpoint that cannot be a reward model (rm_server/checkpoint.py),
+a port another process holds (rm_server/ports.py: grpc's default SO_REUSEPORT is turned off).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import reward_pb2 as pb
 from rm_server import __version__
 from rm_server.batcher import Batcher, BatchPolicy
+from rm_server.checkpoint import ModelLoadError, check_checkpoint
 from rm_server.interceptor import StatusInterceptor
-from rm_server.metrics import Metrics
+from rm_server.metrics import Metrics, serve_metrics
+from rm_server.ports import add_grpc_port, check_port_free, check_ports, listed_ports
 from rm_server.service import SERVICE_NAME, RewardServicer, model_info
 
 log = logging.getLogger("rm_server")
@@ -104,6 +109,8 @@ class ServeConfig:
 
 def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
     return [
+        # grpc's default SO_REUSEPORT lets a second server share a held port: refuse instead.
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         # Keepalive agreed with the client library (rm_server/client.py): clients ping every
@@ -140,6 +147,7 @@ def check_config(cfg: ServeConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
     if cfg.max_wait_ms < 0:
         raise ValueError(f"--max-wait-ms must be >= 0 (got {cfg.max_wait_ms})")
+    check_ports(cfg)
 
 
 def _credentials(cfg: ServeConfig):
@@ -162,8 +170,9 @@ def _read_token(path: str | None) -> str | None:
     return token
 
 
-def _add_reward_service(server: grpc.aio.Server, servicer: RewardServicer) -> None:
-    """Register with no request deserializer: the servicer parses bytes (DecodeError -> 400)."""
+def _add_reward_service(server: grpc.aio.Server, servicer: RewardServicer) -> list[str]:
+    """Register with no request deserializer: the servicer parses bytes (DecodeError -> 400).
+    Returns the method names."""
     handlers = {
         "Score": grpc.unary_unary_rpc_method_handler(
             servicer.Score, response_serializer=pb.ScoreResponse.SerializeToString),
@@ -173,6 +182,7 @@ def _add_reward_service(server: grpc.aio.Server, servicer: RewardServicer) -> No
             servicer.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    return list(handlers)
 
 
 async def _set_health(health_servicer, status) -> None:
@@ -199,35 +209,44 @@ class RewardServer:
         cfg = self.cfg
         token = _read_token(cfg.auth_token_file)
         creds = _credentials(cfg)
+        for flag, host, port in listed_ports(cfg):
+            check_port_free(flag, host, port)
+        try:
+            await self._bind(token, creds)
+        except BaseException:  # stop what started, or grpc's finalizers print tracebacks
+            await self._close()
+            raise
+
+    async def _bind(self, token: str | None, creds) -> None:
+        cfg = self.cfg
         server = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics, token)],
                                  options=server_options(cfg),
                                  maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        _add_reward_service(server, self.servicer)
+        self.metrics.init_methods(_add_reward_service(server, self.servicer))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
             from grpc_reflection.v1alpha import reflection
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME), server)
-        address = f"{cfg.host}:{cfg.port}"
-        self.port = (server.add_secure_port(address, creds) if creds
-                     else server.add_insecure_port(address))
-        if not self.port:
-            raise OSError(f"cannot bind {address}")
         self.servers.append(server)
+        self.port = add_grpc_port(server, "--port", f"{cfg.host}:{cfg.port}", creds)
         if cfg.health_port is not None:  # plaintext, health only: Kubernetes probes speak no TLS
             hs = grpc.aio.server(options=server_options(cfg))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
-            self.health_port = hs.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
             self.servers.append(hs)
+            self.health_port = add_grpc_port(hs, "--health-port", f"{cfg.host}:{cfg.health_port}")
+        if cfg.metrics_port is not None and cfg.metrics_port >= 0:
+            host = cfg.metrics_host or cfg.host
+            try:
+                self._httpd = serve_metrics(self.metrics.registry, host, cfg.metrics_port)
+            except OSError as e:
+                raise OSError(f"--metrics-port {cfg.metrics_port}: cannot bind "
+                              f"{host}:{cfg.metrics_port} ({e.strerror or e})") from None
+            self.metrics_port = self._httpd.server_port
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
         for s in self.servers:
             await s.start()
-        if cfg.metrics_port is not None and cfg.metrics_port >= 0:
-            from prometheus_client import start_http_server
-            self._httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_host or cfg.host,
-                                               registry=self.metrics.registry)
-            self.metrics_port = self._httpd.server_port
         log.info("listening on %s:%s (metrics %s)", cfg.host, self.port, self.metrics_port)
         if cfg.port_file:
             tmp = Path(cfg.port_file + ".tmp")  # atomic: readers never see half a file
@@ -257,8 +276,9 @@ class RewardServer:
         self.metrics.build_info.labels(__version__, model.name).set(1)
         self.metrics.ready.set(1)
         await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s (%s, %s, %s path%s, version %s)", model.name, model.architecture,
-                 cfg.dtype, model.scoring_path, ", compiled" if model.compiled else "",
+        mode = f" ({model.forward_mode})" if model.forward_mode not in (None, "batch") else ""
+        log.info("serving %s (%s, %s, %s path%s%s, version %s)", model.name, model.architecture,
+                 cfg.dtype, model.scoring_path, mode, ", compiled" if model.compiled else "",
                  model.version)
 
     async def shutdown(self) -> None:
@@ -272,9 +292,16 @@ class RewardServer:
         if self.servicer.batcher:
             await self.servicer.batcher.stop()
         self.servicer.close()
+        await self._close()
+        log.info("stopped")
+
+    async def _close(self, grace: float | None = 0) -> None:
+        """Stop the gRPC servers now (a no-op on stopped ones) and the metrics server."""
+        await asyncio.gather(*(s.stop(grace) for s in self.servers))
         if self._httpd:
             self._httpd.shutdown()
-        log.info("stopped")
+            self._httpd.server_close()
+            self._httpd = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -286,9 +313,7 @@ class RewardServer:
         await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if loader.done() and loader.exception() is not None:
             stopper.cancel()
-            await asyncio.gather(*(s.stop(0) for s in self.servers))
-            if self._httpd:
-                self._httpd.shutdown()
+            await self._close()
             raise loader.exception()
         await stopper
         loader.cancel()
@@ -308,10 +333,11 @@ def serve(cfg: ServeConfig) -> int:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
-    from rm_server.model import ModelLoadError
     try:
         check_config(cfg)
+        check_checkpoint(cfg.model)  # before binding: a bad --model is the one line on stderr
         return asyncio.run(RewardServer(cfg).run())
     except (ModelLoadError, OSError, ValueError) as e:
-        print(f"rm-server serve: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the library wrote
+        print(f"rm-server serve: error: {message}", file=sys.stderr)
         return 1

@@ -45,8 +45,12 @@ class ServeConfig:
     """Address to bind; 127.0.0.1 unless told otherwise (use 0.0.0.0 in a container)."""
     port: int = 50051
     """gRPC port; 0 picks a free one (see --port-file)."""
-    metrics_port: int | None = 9090
-    """Prometheus /metrics port; 0 picks a free one; --metrics-port -1 disables it."""
+    metrics_port: int | None = 50053
+    """Prometheus /metrics port; 0 picks a free one; --metrics-port -1 disables it. Not 9090:
+    that is Prometheus's own port (9091-9094: pushgateway, alertmanager), and the exporter
+    range 9100-9999 is fully allocated in Prometheus's default port allocations (node exporter
+    9100, NVIDIA DCGM 9400 on GPU nodes, ...). 50053 sits next to the server's other ports
+    (gRPC 50051, health 50052 in the image)."""
     metrics_host: str | None = None
     """Address for /metrics (default: same as --host)."""
     port_file: str | None = None

@@ -176,6 +176,15 @@ def serve_config(argv: list[str]):
     return from_args(ServeConfig, ns)
 
 
+def default_metrics_port() -> int:
+    """The server's default --metrics-port: manifests and images use it, not Prometheus' 9090."""
+    from rm_server.server import ServeConfig
+
+    port = ServeConfig(model="m").metrics_port
+    assert port != 9090, "9090 is Prometheus' own port"
+    return port
+
+
 def server_argv(deployment: dict) -> tuple[dict, list[str]]:
     """(the rm-server container, the full ``serve ...`` argv: ENTRYPOINT + args)."""
     c = next(c for c in deployment["spec"]["template"]["spec"]["containers"]
@@ -470,7 +479,7 @@ def test_probes_ports_and_flags_match_the_server(name):
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == cfg.port
     assert ports["health"] == cfg.health_port
-    assert ports["metrics"] == cfg.metrics_port == 9090
+    assert ports["metrics"] == cfg.metrics_port == default_metrics_port()
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
         assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, kind
@@ -642,7 +651,7 @@ def test_dockerfile_installs_the_project_and_runs_the_server(name):
     assert ep[:2] == ["tini", "--"], "tini as PID 1 forwards SIGTERM and reaps children"
     cfg = serve_config(ep[3:] if ep[2] == "rm-server" else ep[2:])
     assert (cfg.host, cfg.model, cfg.port, cfg.health_port, cfg.metrics_port) == (
-        "0.0.0.0", "/model", 50051, 50052, 9090)
+        "0.0.0.0", "/model", 50051, 50052, default_metrics_port())
     assert f"127.0.0.1:{cfg.health_port}" in " ".join(hc.value)
     exposed = {int(p.split("/")[0]) for e in by("EXPOSE") for p in e.value}
     assert exposed == {cfg.port, cfg.health_port, cfg.metrics_port}
@@ -709,7 +718,7 @@ def test_promtool_check_config(tmp_path):
         # the file (globals, relabelling, rule files) with the discovery swapped for a static
         # target; the kubernetes_sd_configs block itself is checked above by hand.
         assert [sd["role"] for sd in job.pop("kubernetes_sd_configs")] == ["pod"]
-        job["static_configs"] = [{"targets": ["127.0.0.1:9090"]}]
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{default_metrics_port()}"]}]
         shutil.copy(PROM / "rules.yml", tmp_path / "rules.yml")
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         out = promtool("check", "config", str(tmp_path / "prometheus.yml"))

@@ -3,7 +3,7 @@
 - A decoder RM of a family outside the fast path, whose tokenizer has no pad token, is served
   with HF's scores (HF itself refuses to batch such a model).
 - Ports: out of range, held by another process (gRPC or metrics) -> one line, exit 1; grpc's
-  default SO_REUSEPORT is off.
+  default SO_REUSEPORT is off; the default metrics port is not Prometheus's own.
 - Checkpoints that cannot be a reward model (truncated weights, no tokenizer, a causal LM) ->
   one line on stderr naming the problem, exit 1, through the real CLI.
 - /metrics: known series at zero from the start, the process and Python collectors, 404 on
@@ -189,6 +189,12 @@ def test_grpc_server_options_refuse_a_port_shared_with_so_reuseport():
             finally:
                 await server.stop(0)
         asyncio.run(bind())
+
+
+def test_default_metrics_port_is_not_prometheus_own():
+    port = ServeConfig(model="m").metrics_port
+    assert port not in range(9090, 9095)  # Prometheus, pushgateway, alertmanager
+    assert port not in range(9100, 10000)  # the exporters' allocated range
 
 
 # -- 3. checkpoints that cannot be served -------------------------------------------------------

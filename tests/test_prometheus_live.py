@@ -45,6 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 JOB = "rm-server"
 FIRST, SECOND = 3, 20  # samples sent before and after Prometheus has seen the first ones
+# Queried right after the first burst (one Score call), before any other request.
+FIRST_BURST = (
+    f'sum(increase(rm_requests_total{{job="{JOB}", method="Score", code="OK"}}[1m]))',
+    f'histogram_quantile(0.99, sum by (le) '
+    f'(rate(rm_request_duration_seconds_bucket{{job="{JOB}", method="Score"}}[1m])))',
+)
 
 
 def _free_port() -> int:
@@ -160,14 +166,17 @@ def live(rm_dirs):
         prom = Prometheus(server.metrics_port)
         wait_serving(server.address, 90, server.proc)
         prom.wait_for(f'up{{job="{JOB}"}}', lambda v: v == 1)
+        # The labelled series exist at 0 before any request (rm_server/metrics.py), so the
+        # first burst is an increase Prometheus can see, not a series born at its value.
+        prom.before_first = prom.scalar(f'sum(rm_requests_total{{job="{JOB}", code="OK"}})')
         with RewardClient(server.address, timeout=30) as rm:
-            # The first request creates the labelled series (rm_requests_total, the latency
-            # histogram); once Prometheus holds them, more requests make their rates positive.
             rm.score([text_sample(f"a{i}", "Review: the film", f" was good {i}")
                       for i in range(FIRST)])
             prom.wait_for(f'rm_samples_total{{job="{JOB}"}}', lambda v: v == FIRST)
             prom.wait_for(f'sum(rm_request_duration_seconds_count{{job="{JOB}"}})',
                           lambda v: v >= 1)
+            time.sleep(1.5)  # one more scrape, so rate() has two points after the burst
+            prom.first_burst = {expr: prom.scalar(expr) for expr in FIRST_BURST}
         # The rest through a dns:/// target, as trainers reach the headless Service
         # (dns:///rm-server.<namespace>.svc.cluster.local:50051, round-robin over pod IPs).
         with RewardClient(f"dns:///{server.address}", timeout=30) as rm:
@@ -224,6 +233,16 @@ def test_prometheus_counts_every_sample_sent(live):
     ok = prom.wait_for(f'sum(rm_requests_total{{job="{JOB}", method="Score", code="OK"}})',
                        lambda v: v == 1 + SECOND // 4)
     assert ok == 1 + SECOND // 4
+
+
+def test_first_burst_shows_in_rate_and_quantile(live):
+    """A burst shorter than the scrape interval on a fresh server: its series were already
+    scraped at 0, so increase() sees it and histogram_quantile() is a number, not NaN."""
+    _, prom, _ = live
+    assert prom.before_first == 0  # rm_requests_total{code="OK"} before any request
+    increase, p99 = (prom.first_burst[expr] for expr in FIRST_BURST)
+    assert increase is not None and increase > 0
+    assert p99 is not None and math.isfinite(p99) and 0 < p99 <= 60
 
 
 def test_rules_load_and_evaluate(live):

@@ -28,7 +28,7 @@ demo: venv
 
 # Regenerate the gRPC stubs from protos/reward.proto (tests fail when they are stale).
 protos: venv
-	$(PY) -m rm_server.protogen
+	$(PY) -m protos.generate
 
 clean:
 	rm -rf $(VENV) .pytest_cache

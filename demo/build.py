@@ -17,7 +17,6 @@ machine and thread count).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -33,10 +32,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+import tyro
 
 from demo import world
 from demo.evaluate import evaluate_policy
-from rm_server.cliargs import add_dataclass_args, from_args
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -251,9 +250,7 @@ def build(cfg: BuildConfig) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m demo.build", description=__doc__.split("\n")[0])
-    add_dataclass_args(ap, BuildConfig)
-    cfg = from_args(BuildConfig, ap.parse_args(argv))
+    cfg = tyro.cli(BuildConfig, args=argv, prog="python -m demo.build", description=__doc__.split("\n")[0])
     s = build(cfg)
     g = s["gold"]
     print(f"world built in {cfg.out}: {s['sizes']['params'] / 1e6:.2f}M params, "

@@ -12,7 +12,7 @@ from demo.evaluate import evaluate_policy, read_prompts
 
 
 def rm_scores(address: str, samples: list[dict]) -> list[float]:
-    from rm_server.client import RewardClient, text_sample
+    from rm_client import RewardClient, text_sample
     with RewardClient(address, client_id="demo-eval") as rm:
         res = rm.score_all([text_sample(str(i), s["prompt"], s["response"])
                             for i, s in enumerate(samples)])
@@ -104,7 +104,7 @@ def gold_by_step(rollouts: Path) -> dict[int, float]:
 def plots(out: Path, log: list[dict], log0: list[dict]) -> bool:
     """ppo_curves.png (and overoptimization.png with ``log0``); False, with one line saying how
     to get them, when matplotlib (the [plots] extra) is not installed."""
-    from rm_server.evaluate import plots_missing
+    from policy_trainer.rm_eval import plots_missing
 
     if (missing := plots_missing()) is not None:
         print(missing)

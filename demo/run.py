@@ -17,7 +17,6 @@ Every stage is the real command a user runs; their output streams through with a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,8 +27,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+import tyro
 
-from rm_server.cliargs import add_dataclass_args, from_args
 
 PY = sys.executable
 
@@ -95,9 +94,7 @@ def read_log(path: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m demo.run", description=__doc__.split("\n")[0])
-    add_dataclass_args(ap, DemoConfig)
-    cfg = from_args(DemoConfig, ap.parse_args(argv))
+    cfg = tyro.cli(DemoConfig, args=argv, prog="python -m demo.run", description=__doc__.split("\n")[0])
     return run(cfg)
 
 

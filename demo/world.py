@@ -14,7 +14,7 @@ The **gold reward** of a response y (n tokens) to a prompt x, O(1)-scaled, in [-
                                                 else 1 + 1.5·(1 − f/n), f the tokens parsed
                − 0.25·max(0, 4 − n) − 0.1·max(0, n − 24)      too short, too long
 
-clipped below at -4. The labeler (``rm_server.labeler.BradleyTerryLabeler``) prefers a over b
+clipped below at -4. The labeler (``demo.labeler.BradleyTerryLabeler``) prefers a over b
 with probability σ(gold(x, a) − gold(x, b)); on SFT-like pairs its Bayes-optimal agreement is
 about 0.75: informative, noisy.
 
@@ -164,10 +164,10 @@ def _candidate(rng: random.Random, prompt: str) -> str:
 def make_preference_pairs(n: int, rng: random.Random, labeler=None) -> list[Preference]:
     """n labeled pairs: two SFT-like candidates per prompt, judged by a Bradley-Terry labeler.
 
-    ``labeler`` defaults to ``rm_server.labeler.BradleyTerryLabeler(gold, seed)`` seeded from rng.
+    ``labeler`` defaults to ``demo.labeler.BradleyTerryLabeler(gold, seed)`` seeded from rng.
     """
     if labeler is None:
-        from rm_server.labeler import BradleyTerryLabeler  # pure Python: no torch, no gRPC
+        from demo.labeler import BradleyTerryLabeler  # pure Python: no torch, no gRPC
         labeler = BradleyTerryLabeler(gold, seed=rng.randrange(2**31))
     out = []
     while len(out) < n:

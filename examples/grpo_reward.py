@@ -9,7 +9,7 @@ GRPO part. The plain-Python part runs with this project alone.
 
 import argparse
 
-from rm_server.reward_fn import RemoteRewardFunction
+from rm_client import RemoteRewardFunction
 
 
 def main():

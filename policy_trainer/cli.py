@@ -1,40 +1,73 @@
-"""``policy-trainer``: the policy side of RLHF.
+"""``policy-trainer``: the training side of RLHF, all three stages.
 
-    policy-trainer sft --data demos.jsonl --base DIR --out DIR ...
-    policy-trainer ppo --policy DIR --rm HOST:PORT[,HOST:PORT...] --prompts prompts.jsonl --out DIR ...
+    policy-trainer sft     --data demos.jsonl --base DIR --out DIR ...
+    policy-trainer rm      --data prefs.jsonl --base DIR --out DIR ...   (also: rm-server train)
+    policy-trainer rm-eval --model DIR --data prefs.jsonl ...            (also: rm-server eval)
+    policy-trainer ppo     --policy DIR --rm HOST:PORT[,HOST:PORT...] --prompts prompts.jsonl --out DIR ...
 
-Each subcommand's flags are generated from its config dataclass (rm_server.cliargs), and only
-the module of the command being run is imported. Errors that are the user's (a missing file,
-malformed data with --strict, a bad flag value) print one line to stderr and exit 2.
+Each subcommand's flags come from its config dataclass through ``tyro`` (one flag per field,
+the field's docstring as its help); ``--config FILE`` (YAML or JSON, keys as the field names)
+gives defaults that flags on the command line override. Only the module of the command being
+run is imported. Errors that are the user's (a missing file, malformed data, a bad flag value)
+print one line to stderr and exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib
 import logging
 import sys
+from pathlib import Path
 
-from policy_trainer.data import UserError
-from rm_server.cliargs import add_dataclass_args, from_args
+from policy_trainer import __version__
+from policy_trainer.errors import UserError
 
 # subcommand -> (module, config class, entry function, help)
 COMMANDS = {
     "sft": ("policy_trainer.sft", "SFTConfig", "train_sft",
             "supervised fine-tuning on demonstrations (response tokens only)"),
+    "rm": ("policy_trainer.rm_train", "TrainConfig", "train",
+           "train a reward model on preference pairs (Bradley-Terry)"),
+    "rm-eval": ("policy_trainer.rm_eval", "EvalConfig", "evaluate",
+                "evaluate a reward model on preference pairs"),
     "ppo": ("policy_trainer.ppo_loop", "PPOConfig", "train_ppo",
             "PPO against a reward model served over gRPC"),
 }
+# Errors of the reward-model commands that are the user's: malformed data raises ValueError
+# (prefs.ParseError) as `rm-server train` always reported it.
+USER_ERRORS = (UserError, FileNotFoundError)
+RM_USER_ERRORS = USER_ERRORS + (ValueError,)
 
 
-def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="policy-trainer", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, cfg_name, _fn, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if argv_command in (None, name):  # import only the module of the command being run
-            add_dataclass_args(p, getattr(importlib.import_module(module), cfg_name))
-    return parser
+def parse_config(cfg_cls, argv: list[str], prog: str, description: str | None = None):
+    """The config from flags (tyro: a flag per field, its docstring as help). ``--config FILE``
+    (YAML or JSON, keys as field names) supplies the defaults; flags given override them."""
+    import tyro
+    import yaml  # YAML is a superset of JSON: one reader for both
+
+    default = None
+    if "--config" in argv[:-1]:
+        i = argv.index("--config")
+        path, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"--config {path}: {str(e).splitlines()[0]}") from None
+        names = {f.name: f for f in dataclasses.fields(cfg_cls)}
+        if not isinstance(data, dict) or set(data) - set(names):
+            raise UserError(f"--config {path}: expected a mapping of {cfg_cls.__name__} fields; "
+                        f"unknown: {sorted(set(data) - set(names)) if isinstance(data, dict) else data!r}")
+        default = cfg_cls(**{n: data.get(n, _default(f)) for n, f in names.items()})
+    return tyro.cli(cfg_cls, args=argv, default=default, prog=prog, description=description)
+
+
+def _default(f: dataclasses.Field):
+    import tyro
+
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else tyro.MISSING
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -59,21 +92,49 @@ def setup_logging() -> None:
         logger.addHandler(handler)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
-    module, cfg_name, fn_name, _ = COMMANDS[args.command]
+def run(command: str, argv: list[str], prog: str) -> int:
+    """Run one subcommand with its flags; ``prog`` names it in messages (``rm-server train``
+    hands over here with its own name)."""
+    module, cfg_name, fn_name, _ = COMMANDS[command]
     mod = importlib.import_module(module)
-    cfg = from_args(getattr(mod, cfg_name), args)
-    setup_logging()
+    errors = RM_USER_ERRORS if command in ("rm", "rm-eval") else USER_ERRORS
     try:
+        cfg = parse_config(getattr(mod, cfg_name), argv, prog, COMMANDS[command][3])
+        setup_logging()
         return int(getattr(mod, fn_name)(cfg) or 0)
-    except (UserError, FileNotFoundError) as e:
-        print(f"policy-trainer {args.command}: error: {e}", file=sys.stderr)
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # tyro: --help (0) or a flag it cannot parse (2)
+        return e.code if isinstance(e.code, int) else 2
     except KeyboardInterrupt:
         return 130
+
+
+def usage() -> str:
+    lines = [__doc__.split("\n")[0], "", "commands:"]
+    lines += [f"  {name:<8} {help_text}" for name, (*_, help_text) in COMMANDS.items()]
+    return "\n".join(lines + ["", "policy-trainer COMMAND --help: the command's flags"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"policy-trainer {__version__}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(usage(), file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return run(argv[0], argv[1:], f"policy-trainer {argv[0]}")
+
+
+# rm-server train / eval hand over to these (entry points of the group rm_server.commands)
+def rm_server_train(argv: list[str]) -> int:
+    return run("rm", argv, "rm-server train")
+
+
+def rm_server_eval(argv: list[str]) -> int:
+    return run("rm-eval", argv, "rm-server eval")
 
 
 if __name__ == "__main__":

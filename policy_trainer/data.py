@@ -10,7 +10,7 @@ Every other line that is not a valid record (bad UTF-8, bad JSON, not an object,
 non-string field, an empty response or prompt) is a *bad line*: collected with its line
 number, reported, counted; with ``strict`` the first one is fatal. Nothing is dropped silently.
 
-Tokenization goes through :class:`rm_server.encoding.Encoder`, the one the reward model is
+Tokenization goes through :class:`protos.encoding.Encoder`, the one the reward model is
 trained and served with, so the policy and the RM see the same ids for the same text.
 """
 
@@ -26,13 +26,10 @@ from typing import Callable
 
 import torch
 
-from rm_server.encoding import Encoder
+from policy_trainer.errors import UserError
+from protos.encoding import Encoder
 
 IGNORE_INDEX = -100  # label of a position that is not trained on (torch's cross_entropy default)
-
-
-class UserError(Exception):
-    """An error in the user's input (a file, a flag): the CLI reports one line and exits 2."""
 
 
 @dataclass(frozen=True)

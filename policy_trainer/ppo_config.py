@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from policy_trainer.data import UserError
-from rm_server.client import AddressError, parse_targets
+from policy_trainer.errors import UserError
+from rm_client import AddressError, parse_targets
 
 
 @dataclass

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from policy_trainer import checkpoint, distributed, ppo, rollout
-from policy_trainer.data import UserError, batch_indices
+from policy_trainer.data import batch_indices
+from policy_trainer.errors import UserError
 from policy_trainer.logprobs import PolicyAndValue, response_logprobs
 from policy_trainer.metrics import PHASES, PPOMetrics, StepLog
 from policy_trainer.ppo_config import PPOConfig
@@ -83,7 +84,7 @@ def rm_samples(ro: rollout.Rollouts, ids: list[str], mode: str, m: Models, promp
     for j, sid in enumerate(ids):
         resp = ro.response[j, : int(ro.lengths[j])].tolist()
         if resp and resp[-1] == m.eos_id:
-            resp = resp[:-1]  # the RM is trained on text without EOS (rm_server.encoding)
+            resp = resp[:-1]  # the RM is trained on text without EOS (protos.encoding)
         i = ro.prompt_index[j]
         out.append(make_sample(mode, sid, prompts.ids[i], resp, prompts.texts[i], m.tokenizer))
     return out

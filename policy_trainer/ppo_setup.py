@@ -14,11 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from policy_trainer import rollout
-from policy_trainer.data import UserError, read_prompts
+from policy_trainer.data import read_prompts
+from policy_trainer.errors import UserError
 from policy_trainer.logprobs import ValueModel, check_logprob_path
 from policy_trainer.ppo_config import PPOConfig
 from policy_trainer.scoring import RMError, RMScorer, choose_input_mode
-from rm_server.encoding import Encoder, tokenizer_fingerprint
+from protos.encoding import Encoder, tokenizer_fingerprint
 
 log = logging.getLogger("policy_trainer.ppo")
 

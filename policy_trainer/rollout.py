@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from rm_server.encoding import Encoder
+from protos.encoding import Encoder
 
 
 def encode_prompts(encoder: Encoder, prompts: list[str], max_length: int

@@ -28,9 +28,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from protos import reward_pb2 as pb
-from rm_server.client import (AsyncRewardClient, ScoreResult, ScoringError, chat_sample,
+from rm_client import (AsyncRewardClient, ScoreResult, ScoringError, chat_sample,
                               text_sample, token_sample)
-from rm_server.encoding import tokenizer_fingerprint
+from protos.encoding import tokenizer_fingerprint
 
 log = logging.getLogger("policy_trainer.scoring")
 
@@ -60,7 +60,7 @@ def choose_input_mode(requested: str, info: pb.ModelInfo, tokenizer) -> str:
 def make_sample(mode: str, sample_id: str, prompt_ids: list[int], response_ids: list[int],
                 prompt_text: str, tokenizer) -> pb.Sample:
     """One RM input. ``response_ids`` exclude a final EOS: the RM was trained on prompt +
-    response text without one (rm_server.encoding), and a stop token that is not EOS stays."""
+    response text without one (protos.encoding), and a stop token that is not EOS stays."""
     if mode == "tokens":
         return token_sample(sample_id, prompt_ids + response_ids, len(prompt_ids))
     response = tokenizer.decode(response_ids, skip_special_tokens=False)

@@ -34,9 +34,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from policy_trainer import checkpoint
-from policy_trainer.data import (IGNORE_INDEX, Example, UserError, batch_indices, collate,
-                                 encode_demos, read_demos, split_eval)
-from rm_server.encoding import Encoder
+from policy_trainer.data import (IGNORE_INDEX, Example, batch_indices, collate, encode_demos, read_demos, split_eval)
+from policy_trainer.errors import UserError
+from protos.encoding import Encoder
 
 log = logging.getLogger("policy_trainer.sft")
 

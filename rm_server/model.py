@@ -39,7 +39,7 @@ from torch import nn
 
 import kernels
 from rm_server.checkpoint import ModelLoadError, check_checkpoint, weights_version
-from rm_server.encoding import Encoder, tokenizer_fingerprint
+from protos.encoding import Encoder, tokenizer_fingerprint
 from rm_server.last_token import (FinalNorm, ScoredRowsMLP, describe_norm, last_layer_mlp,
                                   last_token_index, prefix_groups)
 

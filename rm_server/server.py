@@ -18,17 +18,16 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import reward_pb2 as pb
 from rm_server import __version__
-from rm_server.batcher import Batcher, BatchPolicy
+from rm_server.batcher import Batcher
 from rm_server.checkpoint import ModelLoadError, check_checkpoint
+from rm_server.config import ServeConfig, batch_policy, check_config
 from rm_server.interceptor import StatusInterceptor
 from rm_server.metrics import Metrics, serve_metrics
 from rm_server.ports import add_grpc_port, check_port_free, check_ports, listed_ports
@@ -37,87 +36,13 @@ from rm_server.service import SERVICE_NAME, RewardServicer, model_info
 log = logging.getLogger("rm_server")
 
 
-@dataclass
-class ServeConfig:
-    model: str
-    """Reward-model checkpoint directory (any HF *ForSequenceClassification with num_labels=1)."""
-    host: str = "127.0.0.1"
-    """Address to bind; 127.0.0.1 unless told otherwise (use 0.0.0.0 in a container)."""
-    port: int = 50051
-    """gRPC port; 0 picks a free one (see --port-file)."""
-    metrics_port: int | None = 50053
-    """Prometheus /metrics port; 0 picks a free one; --metrics-port -1 disables it. Not 9090:
-    that is Prometheus's own port (9091-9094: pushgateway, alertmanager), and the exporter
-    range 9100-9999 is fully allocated in Prometheus's default port allocations (node exporter
-    9100, NVIDIA DCGM 9400 on GPU nodes, ...). 50053 sits next to the server's other ports
-    (gRPC 50051, health 50052 in the image)."""
-    metrics_host: str | None = None
-    """Address for /metrics (default: same as --host)."""
-    port_file: str | None = None
-    """Write {"port", "metrics_port", "pid"} as JSON here once bound (for tests and scripts)."""
-    model_name: str | None = None
-    """Name reported by GetModelInfo and rm_build_info (default: the directory's name)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype."""
-    device: str = "cpu"
-    """Torch device: cpu, cuda, cuda:N."""
-    num_threads: int | None = None
-    """torch.set_num_threads for the model thread (default: torch's choice)."""
-    max_length: int | None = None
-    """Longest input in tokens (default: the model's position limit / tokenizer max)."""
-    truncation: Literal["left", "error"] = "left"
-    """Over-long inputs: left = drop tokens from the start, keep the scored end (truncated=true); error = INVALID_ARGUMENT."""
-    prefix_sharing: bool = True
-    """Samples of a batch that share a token prefix (k responses to one prompt) run the prefix once (decoder RMs)."""
-    compile: bool = False
-    """torch.compile the model (inductor, dynamic shapes): a 7M RM served 1.1-1.15x faster on CPU (bench/RESULTS.md). Needs a C++ compiler (CPU) or Triton (CUDA); compiles before SERVING (about a minute for a small model on one core, seconds on a restart: inductor's on-disk cache)."""
-    max_batch_size: int | None = None
-    """A batch closes at this many samples (default: 32 on CUDA, 16 on CPU)."""
-    max_batch_tokens: int | None = None
-    """A batch closes at this padded cost, longest length x samples (default: 8192 on CUDA, 1024
-    on CPU, where larger batches gain nothing and pad more: bench/RESULTS.md)."""
-    max_wait_ms: float = 5.0
-    """A batch closes when its oldest sample has waited this long (model idle); not waited at
-    all while calls arrive further apart than this on average (no company to wait for)."""
-    max_queue: int = 4096
-    """Queued samples at most; a request that does not fit is refused with UNAVAILABLE."""
-    max_samples_per_request: int = 1024
-    """Samples one ScoreRequest may carry."""
-    stream_admission_timeout_ms: float = 10_000
-    """On a stream, how long a request waits for room in a full queue (backpressure) before the stream ends UNAVAILABLE; unary calls are refused at once."""
-    max_message_bytes: int = 16 * 1024 * 1024
-    """Largest gRPC message received or sent (RESOURCE_EXHAUSTED above it)."""
-    max_concurrent_rpcs: int | None = 1024
-    """RPCs handled at once; grpc answers RESOURCE_EXHAUSTED above it."""
-    reflection: bool = True
-    """Serve gRPC server reflection (--no-reflection to turn it off)."""
-    grace_seconds: float = 30.0
-    """On shutdown, how long in-flight calls may take to finish."""
-    drain_delay_seconds: float = 0.0
-    """On shutdown, how long to keep serving after NOT_SERVING before refusing new calls."""
-    auth_token_file: str | None = None
-    """File holding a bearer token; when set, RewardService calls need 'authorization: Bearer <token>' (health is exempt)."""
-    tls_cert: str | None = None
-    """PEM server certificate chain: serve TLS on the main port."""
-    tls_key: str | None = None
-    """PEM private key of --tls-cert."""
-    tls_client_ca: str | None = None
-    """PEM CA bundle: require client certificates signed by it (mTLS)."""
-    health_port: int | None = None
-    """Extra plaintext port serving only grpc.health.v1 (for Kubernetes probes when TLS is on)."""
-    min_ping_interval_ms: int = 10_000
-    """Shortest client keepalive ping interval accepted (faster pings earn GOAWAY too_many_pings); the client library pings every 30 s."""
-    log_level: str = "info"
-    """Logging level: debug, info, warning, error."""
-
-
 def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
     return [
         # grpc's default SO_REUSEPORT lets a second server share a held port: refuse instead.
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
-        # Keepalive agreed with the client library (rm_server/client.py): clients ping every
+        # Keepalive agreed with the client library (rm_client/client.py): clients ping every
         # 30 s; allow pings every 10 s so no client earns a GOAWAY too_many_pings.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
@@ -129,29 +54,6 @@ def server_options(cfg: ServeConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", 300_000),
         ("grpc.max_connection_age_grace_ms", 60_000),
     ]
-
-
-# device type -> (max_batch_size, max_batch_tokens) when not given. On 2 CPU cores a 30M Llama
-# peaks at batch 8-16 (64 tokens) and the padding of larger length-grouped batches costs more
-# than they gain (bench/RESULTS.md "Serving"); a GPU wants big batches.
-BATCH_DEFAULTS = {"cuda": (32, 8192), "cpu": (16, 1024)}
-
-
-def batch_policy(cfg: ServeConfig, device_type: str) -> BatchPolicy:
-    size, tokens = BATCH_DEFAULTS.get(device_type, BATCH_DEFAULTS["cuda"])
-    return BatchPolicy(cfg.max_batch_size or size, cfg.max_batch_tokens or tokens,
-                       cfg.max_wait_ms / 1000)
-
-
-def check_config(cfg: ServeConfig) -> None:
-    """Reject nonsensical numbers before anything loads (one line, exit 1)."""
-    for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
-    if cfg.max_wait_ms < 0:
-        raise ValueError(f"--max-wait-ms must be >= 0 (got {cfg.max_wait_ms})")
-    check_ports(cfg)
 
 
 def _credentials(cfg: ServeConfig):

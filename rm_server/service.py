@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from protos import reward_pb2 as pb
 from rm_server.batcher import Batcher, Pending
-from rm_server.encoding import ChatInput, InputError, TextInput, TokenInput
+from protos.encoding import ChatInput, InputError, TextInput, TokenInput
 from rm_server.errors import InvalidArgument, NotReady
 
 MAX_ID_BYTES = 256

@@ -2,7 +2,7 @@
 """Write deploy/k8s/base/prometheusrule.yaml from deploy/prometheus/rules.yml.
 
 rules.yml is the one source of the rules; the Prometheus Operator wants them inside a
-PrometheusRule object. Run after editing rules.yml (tests/test_deploy.py fails while the two
+PrometheusRule object. Run after editing rules.yml (tests/deploy/test_deploy.py fails while the two
 differ):
 
     python deploy/prometheus/make_prometheusrule.py

@@ -1,0 +1,213 @@
+"""Scoring parity: our batched path equals HF's AutoModelForSequenceClassification run on each
+sample alone, for every supported architecture, padding side, pad == eos, and dtype."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from protos.encoding import ChatInput, Encoder, InputError, TextInput, TokenInput
+from rm_server.model import ModelLoadError, RewardModel, last_token_index
+from tests import tiny
+
+DECODERS = ["gpt2", "llama", "qwen2", "mistral", "gpt_neox"]
+
+
+def random_batch(vocab: int, n: int = 10, seed: int = 0, specials=()) -> list[list[int]]:
+    rng = random.Random(seed)
+    seqs = [[rng.randrange(8, vocab) for _ in range(rng.randint(1, 40))] for _ in range(n)]
+    seqs += [[rng.randrange(8, vocab)]]  # length 1
+    for s in specials:  # sequences that end in (or contain) special ids, e.g. trailing EOS
+        seqs.append(seqs[0] + [s, s])
+        seqs.append([s] + seqs[1])
+    return seqs
+
+
+def hf_alone(path, seqs, dtype=torch.float32) -> list[float]:
+    ref = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).eval()
+    with torch.no_grad():
+        return [ref(torch.tensor([s])).logits[0, 0].float().item() for s in seqs]
+
+
+def assert_close(got, want, tol):
+    diff = max(abs(a - b) for a, b in zip(got, want))
+    assert diff <= tol, f"max |ours - HF| = {diff}"
+    assert max(want) - min(want) > 0.1, "scores must differ across inputs for parity to mean anything"
+
+
+@pytest.mark.parametrize("arch", DECODERS + ["bert"])
+def test_parity_with_hf_per_architecture(arch, rm_dirs, tokenizer):
+    rm = RewardModel(rm_dirs[arch])
+    assert rm.scoring_path == ("forward" if arch == "bert" else "last-token")
+    seqs = random_batch(len(tokenizer), specials=(tokenizer.pad_token_id, tokenizer.eos_token_id))
+    assert_close(rm.score(seqs), hf_alone(rm_dirs[arch], seqs), 1e-5)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_last_layer_mlp_runs_on_scored_rows_only(arch, rm_dirs, tokenizer):
+    """The last layer's MLP sees one row per sequence (none for a shared prefix), and the
+    scores still equal HF's; the other layers' MLPs see every position."""
+    rm = RewardModel(rm_dirs[arch])
+    seen = []
+    inner = rm._rows_mlp.mlp_forward
+    rm._rows_mlp.mlp_forward = lambda x: (seen.append(tuple(x.shape[:-1])), inner(x))[1]
+    seqs = random_batch(len(tokenizer), n=5, seed=4)  # 6 sequences, padded to the longest
+    assert_close(rm.score(seqs), hf_alone(rm_dirs[arch], seqs), 1e-5)
+    assert seen == [(len(seqs),)]
+    layers = getattr(rm._backbone, "layers", None) or rm._backbone.h
+    first = []
+    hook = layers[0].mlp.register_forward_hook(lambda m, i, o: first.append(i[0].shape[:-1]))
+    seen.clear()
+    prompt = seqs[0] * 3  # > min_shared_prefix tokens: the k responses share it
+    rm.score([prompt + [9, 10], prompt + [11, 12, 13]])
+    hook.remove()
+    assert [tuple(s) for s in first] == [(1, len(prompt)), (2, 3)]  # prefix once, then suffixes
+    assert seen == [(2,)]  # the prefix's last-layer MLP skipped, the suffixes' scored rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pad_equals_eos_skips_trailing_eos(arch, tmp_path):
+    tok = tiny.train_tokenizer(pad="eos")
+    path = tiny.make_reward_model(arch, tok, tmp_path / arch, seed=3)
+    rm = RewardModel(path)
+    eos = tok.eos_token_id
+    seqs = random_batch(len(tok), specials=(eos,))
+    got = rm.score(seqs)
+    assert_close(got, hf_alone(path, seqs), 1e-5)
+    # HF's rule: a trailing EOS counts as padding, so the token before it is scored.
+    assert last_token_index(seqs[0] + [eos, eos], eos) == len(seqs[0]) - 1
+    base, with_eos = rm.score([seqs[0], seqs[0] + [eos]])
+    assert abs(base - with_eos) < 1e-5
+
+
+def test_no_pad_token_scores_last_position(tmp_path):
+    tok = tiny.train_tokenizer(pad="none")
+    path = tiny.make_reward_model("gpt2", tok, tmp_path / "gpt2", seed=4)
+    rm = RewardModel(path)
+    assert rm.pad_token_id is None
+    seqs = random_batch(len(tok), specials=(tok.eos_token_id,))
+    assert_close(rm.score(seqs), hf_alone(path, seqs), 1e-5)
+
+
+def test_left_padding_tokenizer_still_matches_alone(tmp_path):
+    """Left-padding tokenizers are right-padded internally: Llama positions stay those of the
+    sample alone (a left-padded batch through HF would shift them)."""
+    tok = tiny.train_tokenizer(padding_side="left")
+    path = tiny.make_reward_model("llama", tok, tmp_path / "llama", seed=5)
+    rm = RewardModel(path)
+    seqs = random_batch(len(tok), seed=7)
+    assert_close(rm.score(seqs), hf_alone(path, seqs), 1e-5)
+
+
+def test_batch_invariance(rm_dirs, tokenizer):
+    """A sample's score is the same alone, in a full batch, and among different length mixes."""
+    rm = RewardModel(rm_dirs["qwen2"])
+    seqs = random_batch(len(tokenizer), n=30, seed=11)
+    target = seqs[3]
+    alone = rm.score([target])[0]
+    for mix in (seqs, [target] + [s for s in seqs if len(s) > 30], [target, [9] * 120]):
+        i = next(i for i, s in enumerate(mix) if s is target)
+        assert abs(rm.score(mix)[i] - alone) < 1e-5
+
+
+def test_bf16_within_dtype_tolerance(rm_dirs, tokenizer):
+    rm = RewardModel(rm_dirs["llama"], dtype="bfloat16")
+    seqs = random_batch(len(tokenizer), seed=2)
+    want = hf_alone(rm_dirs["llama"], seqs, torch.bfloat16)
+    diff = max(abs(a - b) for a, b in zip(rm.score(seqs), want))
+    assert diff < 0.1  # bf16 has ~3 significant digits; the head accumulates in fp32 here
+
+
+def test_text_and_chat_match_token_ids(rm_dirs):
+    rm = RewardModel(rm_dirs["llama"])
+    enc = rm.encoder
+    e = enc.encode(TextInput("the movie was", " great fun"))
+    assert e.prompt_length == len(rm.tokenizer("the movie was")["input_ids"])
+    assert e.ids[0] == rm.tokenizer.bos_token_id
+    t = enc.encode(TokenInput(tuple(e.ids), e.prompt_length))
+    assert t.ids == e.ids
+    c = enc.encode(ChatInput((("user", "hi"), ("assistant", "great movie"))))
+    rendered = rm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "great movie"}],
+        tokenize=True, return_dict=True)["input_ids"]
+    assert c.ids == list(rendered)
+    assert 0 < c.prompt_length < len(c.ids)
+
+
+def test_truncation_keeps_the_scored_end(rm_dirs):
+    rm = RewardModel(rm_dirs["llama"], max_length=16)
+    ids = list(range(10, 50))
+    e = rm.encoder.encode(TokenInput(tuple(ids), 30))
+    assert e.truncated and e.ids == ids[-16:] and e.prompt_length == 30 - 24
+    strict = RewardModel(rm_dirs["llama"], max_length=16, truncation="error")
+    with pytest.raises(InputError, match="longer than max_length"):
+        strict.encoder.encode(TokenInput(tuple(ids), 0))
+
+
+@pytest.mark.parametrize("item, field", [
+    (TokenInput((), 0), "tokens.ids"),
+    (TokenInput((5, 300), 0), "tokens.ids"),
+    (TokenInput((5, -1), 0), "tokens.ids"),
+    (TokenInput((5, 6), 3), "tokens.prompt_length"),
+    (ChatInput((("wizard", "hi"),)), "conversation.messages[0].role"),
+    (ChatInput(()), "conversation.messages"),
+    (TextInput("", ""), "text"),
+])
+def test_invalid_inputs_name_the_field(rm_dirs, item, field):
+    rm = RewardModel(rm_dirs["gpt2"])
+    with pytest.raises(InputError) as exc:
+        rm.encoder.encode(item)
+    assert exc.value.field == field
+
+
+def test_chat_without_template_is_refused(tmp_path):
+    tok = tiny.train_tokenizer(chat=False)
+    path = tiny.make_reward_model("llama", tok, tmp_path / "m")
+    with pytest.raises(InputError, match="no chat template"):
+        RewardModel(path).encoder.encode(ChatInput((("user", "hi"),)))
+
+
+def test_load_errors_are_clear(tmp_path, tokenizer):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        RewardModel(tmp_path / "missing")
+    path = tiny.make_reward_model("llama", tokenizer, tmp_path / "two", num_labels=2)
+    with pytest.raises(ModelLoadError, match="num_labels=2"):
+        RewardModel(path)
+
+
+def test_encoder_is_shared_with_training():
+    """Training imports the same Encoder: one tokenization for both (see policy_trainer/rm_train.py)."""
+    tok = tiny.train_tokenizer()
+    enc = Encoder(tok, 64, len(tok))
+    ids, plen = enc.encode_text("a movie", " it was great")
+    assert ids[:plen] == tok("a movie")["input_ids"]
+    assert ids[plen:] == tok(" it was great", add_special_tokens=False)["input_ids"]
+
+
+# -- prefix-shared scoring -------------------------------------------------------------------
+def test_prefix_groups_split():
+    from rm_server.model import prefix_groups
+    p = list(range(10, 40))  # 30 shared tokens
+    seqs = [p + [50, 51], p + [52], p[:20] + [99] * 12, [1, 2, 3], p + [53, 54, 55]]
+    groups, rest = prefix_groups(seqs, pad_token_id=3, min_prefix=16)
+    assert groups == [(20, [0, 1, 2, 4])] and rest == [3]
+    # the shared part stops before any member's scored token (trailing pads are not scored)
+    groups, _ = prefix_groups([p + [3, 3], p + [60]], pad_token_id=3, min_prefix=16)
+    assert groups == [(29, [0, 1])]
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_prefix_shared_scores_equal_unshared(arch, rm_dirs, tokenizer):
+    rm = RewardModel(rm_dirs[arch])
+    rng = random.Random(3)
+    prompt = [rng.randrange(8, len(tokenizer)) for _ in range(48)]
+    seqs = [prompt + [rng.randrange(8, len(tokenizer)) for _ in range(rng.randint(1, 12))]
+            for _ in range(8)]
+    seqs += [[5, 6, 7], prompt + [tokenizer.eos_token_id, tokenizer.pad_token_id]]
+    shared = rm.score(seqs)
+    rm.prefix_sharing = False
+    assert shared == pytest.approx(rm.score(seqs), abs=1e-5)
+    assert_close(shared, hf_alone(rm_dirs[arch], seqs), 1e-5)

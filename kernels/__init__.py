@@ -9,10 +9,9 @@ Note: the PyPI package ``kernels`` (Hugging Face's kernel hub client) has the sa
 """
 
 from kernels.last_token_score import last_token_score, last_token_score_reference
-from kernels.token_logprobs import kl_estimate, token_logprobs, token_logprobs_reference
+from kernels.token_logprobs import token_logprobs, token_logprobs_reference
 
 __all__ = [
-    "kl_estimate",
     "last_token_score",
     "last_token_score_reference",
     "token_logprobs",

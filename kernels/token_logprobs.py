@@ -22,19 +22,19 @@ Paths (``kernels.dispatch`` picks; ``RLHF_KERNELS`` forces):
   split across programs when there are few row blocks, partials merged in torch); backward is a
   Triton kernel that recomputes a chunk's logits and writes dL/dz for it, then two cuBLAS GEMMs
   per chunk (they dominate; cuBLAS does them better than atomics in a fused kernel).
-- torch (CPU): the same chunked math with torch ops in preallocated buffers: the forward's
-  working memory is one N x chunk fp32 buffer (two with entropy), against two N x V for
-  log_softmax(h @ W.T).gather(...). That is the win on the CPU.
+- torch (CPU): the same chunked math with torch ops in preallocated buffers, in
+  ``kernels/token_logprobs_cpu.py``: the forward's working memory is one N x chunk fp32 buffer
+  (two with entropy), against two N x V for log_softmax(h @ W.T).gather(...).
 
 Targets must lie in [0, V): the Triton path does not check (a sync); a target outside gives
--lse. File layout: kernels -> launchers -> autograd wrapper -> torch path and reference -> KL.
+-lse. File layout: kernels -> launchers -> autograd wrapper (both paths) -> torch reference ->
+the public op. The CPU path's chunk loops live in token_logprobs_cpu.py.
 """
-
-import math
 
 import torch
 
 from kernels.dispatch import dot_in_fp32, interpreting, tl, triton, use_triton
+from kernels.token_logprobs_cpu import _dlogits_torch, _forward_torch, _scratch
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps): rows x vocab tile, reduction step. Untuned defaults
 # (no GPU was lent when this was written); 16-bit operands take a deeper H step.
@@ -271,66 +271,6 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
-def _scratch(n_rows, chunk, device, count):
-    """Flat fp32 buffers reused by every chunk: no allocator churn, so the peak is just these
-    (glibc serves freed 16 MB blocks from a heap that fragments, which shows up in RSS)."""
-    return [torch.empty(n_rows * chunk, device=device) for _ in range(count)]
-
-
-def _chunk_logits(h32, w_c, bias, v0, v1, inv_temp, buf):
-    """(N, C) fp32 logits of columns [v0, v1) written into buf; w_c is W[v0:v1] in fp32."""
-    z = torch.mm(h32, w_c.t(), out=buf[: h32.shape[0] * (v1 - v0)].view(-1, v1 - v0))
-    if bias is not None:
-        z += bias[v0:v1].float()
-    if inv_temp != 1.0:
-        z *= inv_temp
-    return z
-
-
-def _forward_torch(hidden, weight, bias, targets, inv_temp, with_entropy, *, chunk):
-    """Chunked torch forward -> (logp, entropy or None, lse, E_p[z] or None), each (N,) fp32."""
-    N, V = hidden.shape[0], weight.shape[0]
-    # fp32 matmuls: most CPUs have no fast bf16 GEMM, and this matches Triton's fp32 accumulate.
-    h32 = hidden.float()
-    bufs = _scratch(N, min(chunk, V), hidden.device, 2 if with_entropy else 1)
-    m = torch.full((N,), -math.inf, device=hidden.device)
-    s, t, zt = (torch.zeros(N, device=hidden.device) for _ in range(3))
-    for v0 in range(0, V, chunk):
-        v1 = min(v0 + chunk, V)
-        z = _chunk_logits(h32, weight[v0:v1].float(), bias, v0, v1, inv_temp, bufs[0])  # (N, C)
-        inside = (targets >= v0) & (targets < v1)
-        picked = z.gather(1, (targets - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0]
-        zt += torch.where(inside, picked, 0.0)
-        m_new = torch.maximum(m, z.max(1).values)
-        alpha = torch.exp(m - m_new)
-        if with_entropy:
-            e = torch.sub(z, m_new[:, None], out=bufs[1][: z.numel()].view_as(z)).exp_()
-            s = s * alpha + e.sum(1)
-            t = t * alpha + e.mul_(z).sum(1)
-        else:
-            s = s * alpha + z.sub_(m_new[:, None]).exp_().sum(1)  # in place: z is done
-        m = m_new
-    lse = m + torch.log(s)
-    if not with_entropy:
-        return zt - lse, None, lse, None
-    ez = t / s
-    return zt - lse, lse - ez, lse, ez
-def _dlogits_torch(h32, w_c, bias, targets, lse, ez, g_lp, g_ent, v0, v1, inv_temp, bufs):
-    """(N, C) fp32 dL/dz for columns [v0, v1), in place on the recomputed logits."""
-    z = _chunk_logits(h32, w_c, bias, v0, v1, inv_temp, bufs[0])
-    p = torch.sub(z, lse[:, None], out=bufs[1][: z.numel()].view_as(z)).exp_()
-    if g_ent is not None:  # e p (E_p[z] - z)
-        dz = z.sub_(ez[:, None]).mul_(p).mul_(-g_ent[:, None])
-        if g_lp is not None:
-            dz.sub_(p.mul_(g_lp[:, None]))
-    else:
-        dz = p.mul_(-g_lp[:, None])
-    if g_lp is not None:  # + g at the target column
-        rows = ((targets >= v0) & (targets < v1)).nonzero()[:, 0]
-        dz.index_put_((rows, targets[rows] - v0), g_lp[rows], accumulate=True)
-    return dz.mul_(inv_temp) if inv_temp != 1.0 else dz
-
-
 def token_logprobs_reference(hidden, lm_head_weight, targets, *, lm_head_bias=None,
                              temperature=1.0, return_entropy=False):
     """The naive math: log_softmax over the full (N, V) logits in fp32, then gather."""
@@ -382,23 +322,3 @@ def token_logprobs(hidden, lm_head_weight, targets, *, lm_head_bias=None, temper
     if return_entropy:
         return out[0].view(lead), out[1].view(lead)
     return out.view(lead)
-
-
-def kl_estimate(logp, ref_logp, kind="k1"):
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020,
-    "Approximating KL divergence"), with log r = ref_logp - logp:
-
-        k1 = -log r                unbiased, high variance, can be negative
-        k2 = (log r)^2 / 2         biased, low variance
-        k3 = (r - 1) - log r       unbiased, low variance, >= 0 (expm1 keeps it exact near 0)
-
-    k3 overflows when log r > ~88 in fp32; callers that can drift that far clamp log r.
-    """
-    log_r = ref_logp - logp
-    if kind == "k1":
-        return -log_r
-    if kind == "k2":
-        return 0.5 * log_r.square()
-    if kind == "k3":
-        return torch.expm1(log_r) - log_r
-    raise ValueError(f"kind must be 'k1', 'k2' or 'k3', got {kind!r}")

@@ -13,7 +13,7 @@ position, then HF's pick of the last non-pad token) on a single worker thread: f
 at a time, in arrival order (a thread pool would run several forwards at once and thrash the
 cores). torch.inference_mode, ``torch.set_num_threads(--num-threads)``.
 
-    python bench/naive_server.py --model DIR --port 0 --port-file ports.json --num-threads 1
+    python -m bench.naive_server --model DIR --port 0 --port-file ports.json --num-threads 1
 
 The port file ({"port", "pid"}) is written once the model is loaded and warmed up.
 """
@@ -28,12 +28,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # protos/ from a checkout
+import grpc
+import torch
 
-import grpc  # noqa: E402
-import torch  # noqa: E402
-
-from protos import reward_pb2 as pb  # noqa: E402
+from protos import reward_pb2 as pb
 
 SERVICE = "rlhf.reward.v1.RewardService"
 

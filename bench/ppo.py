@@ -25,9 +25,9 @@ bench/common.py with the RM (so token ids go on the wire), and the RM named by -
 bench/common.py. Prompts are lines of the same pseudo-word corpus. The untrained policy rarely
 samples EOS, so responses run to --max-new-tokens: the work per step is fixed.
 
-    python bench/ppo.py                    # rm-30m, 64 rollouts a step, 8 steps, 2 repetitions
-    python bench/ppo.py --quick            # 1 repetition of 3 steps (under 2 minutes)
-    python bench/ppo.py --rm-model rm-7m --json-out ppo.json
+    python -m bench.ppo                    # rm-30m, 64 rollouts a step, 8 steps, 2 repetitions
+    python -m bench.ppo --quick            # 1 repetition of 3 steps (under 2 minutes)
+    python -m bench.ppo --rm-model rm-7m --json-out ppo.json
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import DEFAULT_CACHE, ensure_model, _pseudo_corpus  # noqa: E402
-from rm_server.launch import start_server  # noqa: E402
+from bench.common import DEFAULT_CACHE, _pseudo_corpus, ensure_model
+from rm_server.launch import start_server
 
 PHASES = ("generate", "score", "reference", "train")
 MODES = {"overlapped": [], "sequential": ["--no-rm-overlap"]}
@@ -102,7 +100,7 @@ def run_trainer(args, policy: Path, prompts: Path, address: str, out: Path, mode
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"bench/ppo.py: the {mode} trainer failed ({r.returncode}):\n"
+        raise SystemExit(f"bench.ppo: the {mode} trainer failed ({r.returncode}):\n"
                          f"{r.stderr[-3000:]}")
     recs = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     return [r for r in recs if "time/step" in r]

@@ -1,6 +1,6 @@
 """Prefix-shared scoring against the unshared path: k responses to one prompt.
 
-    python bench/prefix.py [--k 8] [--response 64] [--prompt-mult 4] [--repeats 7] [--threads 2]
+    python -m bench.prefix [--k 8] [--response 64] [--prompt-mult 4] [--repeats 7] [--threads 2]
 
 Builds a ~30M-parameter Llama-style reward model from a config (no hub), then scores the same
 batch of k sequences (one prompt of ``prompt_mult x response`` tokens, k different responses)
@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def build_model(out: Path, vocab: int = 8000) -> Path:

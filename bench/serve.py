@@ -10,7 +10,7 @@ on the same model and the same samples:
   (b) limit  the same model in-process (`RewardModel.score`) on the same sample pool,
              length-sorted, at every batch size of --limit-batch-sizes (default 1..64, powers
              of two; the winner is reported): no server, no gRPC, no queue;
-  (c) naive  bench/naive_server.py: one HF forward per request as it arrives, no
+  (c) naive  bench.naive_server: one HF forward per request as it arrives, no
              cross-request batching (the design of simple RM servers in RLHF frameworks).
 
 Work: the limit scores the whole pool (--pool samples per length mix) at each batch size. A
@@ -38,12 +38,12 @@ runs on --client-cpus, so the clients' Python does not steal the model's core. O
 the limit get the same CPUs and --threads torch threads; --naive-threads 1,2 runs the naive
 server at each thread count and compares ours with the best of them (each server at its best).
 
-    python bench/serve.py --quick                         # rm-7m, short, unary, 1 and 64 clients
-    python bench/serve.py --models rm-30m --mixes short   # one slice of the full sweep
-    python bench/serve.py --variant 'old=@/path/to/old/checkout' --variant 'new='
-    python bench/serve.py --compile ...                   # ours and the limit compiled
-    python bench/serve.py --variant 'cpu=--max-batch-size 16 --max-batch-tokens 2048' ...
-    python bench/serve.py --json-out a.json ...; python bench/serve.py --table a.json b.json
+    python -m bench.serve --quick                         # rm-7m, short, unary, 1 and 64 clients
+    python -m bench.serve --models rm-30m --mixes short   # one slice of the full sweep
+    python -m bench.serve --variant 'old=@/path/to/old/checkout' --variant 'new='
+    python -m bench.serve --compile ...                   # ours and the limit compiled
+    python -m bench.serve --variant 'cpu=--max-batch-size 16 --max-batch-tokens 2048' ...
+    python -m bench.serve --json-out a.json ...; python -m bench.serve --table a.json b.json
 
 Models (Llama RMs built from configs, 8k BPE vocabulary) are cached in $RM_BENCH_MODELS
 (default /tmp/rm-bench-models). --profile-dir records py-spy (raw, --threads) on our server
@@ -65,12 +65,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # the repo first: bench/kernels.py is not `kernels`
+from bench.common import (DEFAULT_CACHE, LENGTHS, MODELS, delta, ensure_model, median,
+                          num_parameters, parse_cpus, percentile, sample_pool, scrape)
+from rm_server.launch import stop_process, wait_serving
 
-from common import (DEFAULT_CACHE, LENGTHS, MODELS, delta, ensure_model, median,  # noqa: E402
-                    num_parameters, parse_cpus, percentile, sample_pool, scrape)
-from rm_server.launch import stop_process, wait_serving  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # this checkout: child processes run `-m` from here
 
 SERVICE = "/rlhf.reward.v1.RewardService/"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -116,10 +115,11 @@ def limit_worker(threads: int, compile: bool = False) -> None:
 
 class LimitWorker:
     def __init__(self, cpus: str | None, threads: int, compile: bool = False):
-        cmd = [sys.executable, str(Path(__file__).resolve()),
+        cmd = [sys.executable, "-m", "bench.serve",
                "--limit-worker", "--threads", str(threads), *(["--compile"] if compile else [])]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
+                                     stderr=subprocess.DEVNULL, text=True, bufsize=1,
+                                     cwd=ROOT)
 
     def send(self, **cmd) -> None:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -186,7 +186,7 @@ def launch(kind: str, model_dir: Path, cpus: str | None, threads: int, extra: li
                "--num-threads", str(threads), "--log-level", "warning", "--no-reflection",
                *extra]
     else:
-        cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--model", str(model_dir),
+        cmd = [sys.executable, "-m", "bench.naive_server", "--model", str(model_dir),
                "--port", "0", "--port-file", str(port_file), "--num-threads", str(threads)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}

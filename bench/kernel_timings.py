@@ -1,7 +1,7 @@
 """Benchmarks for kernels/: each op against the math it replaces, measured side by side.
 
 CPU (no GPU needed):
-    python bench/kernels.py --device cpu
+    python -m bench.kernel_timings --device cpu
   - peak memory of token_logprobs (chunked torch path) against log_softmax(h @ W.T).gather(...),
     forward (the frozen reference) and forward + backward (the policy); every variant runs in
     a fresh process and reports its peak RSS over its inputs (VmHWM after a reset);
@@ -9,7 +9,7 @@ CPU (no GPU needed):
   - last_token_score on B rows against HF's norm + head over all B*T positions, then a pick.
 
 GPU:
-    python bench/kernels.py --device cuda [--peak-gbps 3350 --peak-tflops 989]
+    python -m bench.kernel_timings --device cuda [--peak-gbps 3350 --peak-tflops 989]
   - each Triton kernel against torch eager and torch.compile of the same math: median time,
     achieved bandwidth as a fraction of the device's peak, TFLOP/s, and peak memory
     (torch.cuda.max_memory_allocated over the inputs).
@@ -26,11 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import torch
 
-import torch  # noqa: E402
+from kernels import last_token_score, last_token_score_reference, token_logprobs
 
-from kernels import last_token_score, last_token_score_reference, token_logprobs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the children run `-m bench.kernel_timings` from here
 
 # name substring -> (HBM GB/s, dense bf16 TFLOP/s), from the vendors' datasheets
 DEVICE_PEAKS = {"H200": (4800, 989), "H100 SXM": (3350, 989), "H100 80GB HBM3": (3350, 989),
@@ -90,10 +90,10 @@ def child(variant, n, v, h, threads):
 
 
 def measure_in_child(variant, args):
-    cmd = [sys.executable, __file__, "--child", variant, "--n", str(args.n), "--v", str(args.v),
-           "--h", str(args.h), "--threads", str(args.threads)]
+    cmd = [sys.executable, "-m", "bench.kernel_timings", "--child", variant, "--n", str(args.n),
+           "--v", str(args.v), "--h", str(args.h), "--threads", str(args.threads)]
     env = dict(os.environ, RLHF_KERNELS="torch")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,9 +1,14 @@
-"""The wire contract: stubs are fresh, and the names DESIGN §4 fixes are there."""
+"""The wire contract: stubs are fresh, the names clients outside this repository rely on are
+there (service, methods, field numbers: add fields freely, never renumber), and the contract
+package stays light enough for the client library."""
 
+import subprocess
+import sys
 from pathlib import Path
 
-from protos import reward_pb2 as pb
 from protos import generate as protogen
+from protos import reward_pb2 as pb
+from protos.service_name import METHOD_PREFIX, SERVICE_NAME
 
 
 def test_stubs_are_fresh(tmp_path):
@@ -17,6 +22,7 @@ def test_stubs_are_fresh(tmp_path):
 def test_contract_names():
     svc = pb.DESCRIPTOR.services_by_name["RewardService"]
     assert svc.full_name == "rlhf.reward.v1.RewardService"
+    assert SERVICE_NAME == svc.full_name and METHOD_PREFIX == "/rlhf.reward.v1.RewardService/"
     methods = {m.name: m for m in svc.methods}
     assert set(methods) >= {"Score", "ScoreStream", "GetModelInfo"}
     assert methods["ScoreStream"].client_streaming and methods["ScoreStream"].server_streaming
@@ -47,3 +53,14 @@ def test_every_field_has_a_comment():
                 j -= 1
             assert lines[j].strip().startswith("//"), f"no comment above: {line.strip()}"
     assert Path(protogen.REPO_ROOT / "protos" / "reward_pb2.pyi").exists()
+
+
+def test_the_contract_imports_nothing_heavy():
+    """The client library depends on protos: importing it loads no torch or transformers, and
+    nothing of this repository outside protos."""
+    code = ("import sys, protos.encoding, protos.service_name, protos.reward_pb2_grpc; "
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=protogen.REPO_ROOT).stdout
+    for heavy in ("torch", "transformers", "rm_server", "rm_client", "policy_trainer", "kernels"):
+        assert f"'{heavy}'" not in loaded, heavy

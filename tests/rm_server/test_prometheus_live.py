@@ -33,7 +33,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from tests.deploy import test_deploy as deploy  # noqa: E402  (expression and metric helpers)
+from tests.deploy import promql as deploy  # noqa: E402  (expression and metric helpers)
 from rm_server.launch import start_server, wait_serving  # noqa: E402
 
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")

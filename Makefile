@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test demo protos clean
+.PHONY: venv test lint demo protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q -ra
+
+# Static checks: ruff, configured in pyproject.toml ([tool.ruff]).
+lint: venv
+	$(PY) -m ruff check .
 
 # The whole RLHF pipeline on the synthetic world (README "The demo"); artifacts in out/demo.
 DEMO_OUT ?= out/demo

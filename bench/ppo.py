@@ -85,7 +85,8 @@ def write_prompts(path: Path, n: int = 512) -> Path:
     return path
 
 
-def run_trainer(args, policy: Path, prompts: Path, address: str, out: Path, mode: str) -> list[dict]:
+def run_trainer(args, policy: Path, prompts: Path, address: str, out: Path,
+                mode: str) -> list[dict]:
     cmd = ["taskset", "-c", args.trainer_cpus, sys.executable, "-m", "policy_trainer.cli", "ppo",
            "--policy", str(policy), "--rm", address, "--prompts", str(prompts), "--out", str(out),
            "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),

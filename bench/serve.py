@@ -56,7 +56,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shlex
 import signal
 import subprocess
@@ -65,8 +64,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (DEFAULT_CACHE, LENGTHS, MODELS, delta, ensure_model, median,
-                          num_parameters, parse_cpus, percentile, sample_pool, scrape)
+from bench.common import (
+    DEFAULT_CACHE,
+    LENGTHS,
+    MODELS,
+    delta,
+    ensure_model,
+    median,
+    num_parameters,
+    parse_cpus,
+    percentile,
+    sample_pool,
+    scrape,
+)
 from rm_server.launch import stop_process, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]  # this checkout: child processes run `-m` from here
@@ -406,7 +416,8 @@ def run(args) -> list[dict]:
 
 def _fmt(kind: str, r: dict) -> str:
     return (f"{kind:5s} {r['rate']:7.2f}/s"
-            + (f" p50 {1000 * r['p50']:6.0f} ms p99 {1000 * r['p99']:6.0f} ms" if "p50" in r else "")
+            + (f" p50 {1000 * r['p50']:6.0f} ms p99 {1000 * r['p99']:6.0f} ms"
+               if "p50" in r else "")
             + f" cpu {r['cpu_ms']:5.1f} ms/sample"
             + (f" (model {r['cpu_model_ms']:.1f} loop {r['cpu_loop_ms']:.1f} other "
                f"{r['cpu_other_ms']:.1f})" if "cpu_model_ms" in r else "")
@@ -520,8 +531,8 @@ def run_mix(args, limit: LimitWorker, servers: dict, model_name: str, model_dir:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | mix | mode | C | server | ours /s | p50 ms | p99 ms | pad | batch | limit /s (bs) "
-            "| naive /s | p50 ms | p99 ms | a/b | a/c | a/b cpu | a/c cpu |")
+    head = ("| model | mix | mode | C | server | ours /s | p50 ms | p99 ms | pad | batch "
+            "| limit /s (bs) | naive /s | p50 ms | p99 ms | a/b | a/c | a/b cpu | a/c cpu |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     f = lambda x, d=1: "-" if x is None or x != x else f"{x:.{d}f}"  # noqa: E731
     for r in rows:

@@ -1,4 +1,4 @@
-"""``python -m demo.build --out DIR``: build the demo world's artifacts (DESIGN.md §7).
+"""``python -m demo.build --out DIR``: build the demo world's artifacts (no model hub needed).
 
     DIR/base/                  tiny Llama causal LM + byte-level BPE tokenizer (save_pretrained)
     DIR/demos.jsonl            {"prompt", "response"}             for policy-trainer sft
@@ -17,7 +17,6 @@ machine and thread count).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -29,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import tyro
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-import tyro
 
 from demo import world
 from demo.evaluate import evaluate_policy
@@ -221,7 +220,8 @@ def build(cfg: BuildConfig) -> dict:
     seconds, cpu_seconds = time.monotonic() - t0, time.process_time() - c0
     model.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
-    log("        loss " + "  ".join(f"{s}:{l:.2f}" for s, l in curve[:: max(1, len(curve) // 8)])
+    log("        loss " + "  ".join(f"{s}:{loss:.2f}"
+                                    for s, loss in curve[:: max(1, len(curve) // 8)])
         + f"  final {curve[-1][1]:.3f} ({seconds:.1f}s wall, {cpu_seconds:.1f}s CPU, "
           f"{threads} thread{'s' * (threads > 1)})")
 
@@ -250,7 +250,8 @@ def build(cfg: BuildConfig) -> dict:
 
 
 def main(argv=None) -> None:
-    cfg = tyro.cli(BuildConfig, args=argv, prog="python -m demo.build", description=__doc__.split("\n")[0])
+    cfg = tyro.cli(BuildConfig, args=argv, prog="python -m demo.build",
+                   description=__doc__.split("\n")[0])
     s = build(cfg)
     g = s["gold"]
     print(f"world built in {cfg.out}: {s['sizes']['params'] / 1e6:.2f}M params, "

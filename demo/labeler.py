@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 GoldFn = Callable[[str, str], float]
 
@@ -32,7 +32,7 @@ def sigmoid(z: float) -> float:
 
 
 class BradleyTerryLabeler:
-    """Labels (prompt, a, b) with BT noise around ``gold_fn``; seeded, so labels are reproducible."""
+    """Labels (prompt, a, b) with BT noise around ``gold_fn``; seeded, so labels reproduce."""
 
     def __init__(self, gold_fn: GoldFn, seed: int = 0):
         self.gold_fn = gold_fn
@@ -53,14 +53,16 @@ class BradleyTerryLabeler:
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
     def bayes_agreement(self, pairs: Iterable[tuple[str, str, str]]) -> float:
-        """Mean of max(p, 1 − p) over (prompt, a, b): the expected agreement of the best predictor."""
+        """Mean of max(p, 1 − p) over (prompt, a, b): the best predictor's expected agreement."""
         ps = [self.p_wins(x, a, b) for x, a, b in pairs]
         if not ps:
             raise ValueError("bayes_agreement of no pairs")
         return sum(max(p, 1.0 - p) for p in ps) / len(ps)
 
     def gold_agreement(self, labeled: Iterable[tuple[str, str, str]]) -> float:
-        """Realized agreement of the gold reward with labels (prompt, chosen, rejected); ties count ½.
+        """Realized agreement of the gold reward with labels (prompt, chosen, rejected).
+
+        Ties count ½.
 
         Its expectation is ``bayes_agreement``; on a finite set it is the ceiling actually reached.
         """

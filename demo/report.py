@@ -45,11 +45,12 @@ def evaluate_all(cfg, world: Path, sft: Path, rm: Path, ppo: Path, ppo0: Path | 
     for name, path in (("ppo", ppo), ("ppo_beta0", ppo0)):
         if path is not None:
             log = [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines() if x]
-            out["policies"][name]["kl_to_reference"] = last_mean([r for r in log if "kl" in r], "kl")
+            kl_records = [r for r in log if "kl" in r]
+            out["policies"][name]["kl_to_reference"] = last_mean(kl_records, "kl")
     rm_eval = json.loads((rm / "eval.json").read_text())
     w = json.loads((world / "world.json").read_text())
-    out["rm"] = {"accuracy": rm_eval.get("accuracy"),
-                 "bayes_agreement": w.get("bayes_agreement") or w.get("labels", {}).get("bayes_agreement")}
+    bayes = w.get("bayes_agreement") or w.get("labels", {}).get("bayes_agreement")
+    out["rm"] = {"accuracy": rm_eval.get("accuracy"), "bayes_agreement": bayes}
     p = out["policies"]
     out["ppo_minus_sft_gold"] = p["ppo"]["gold"] - p["sft"]["gold"]
     out["ppo_minus_sft_in_stderr"] = out["ppo_minus_sft_gold"] / max(
@@ -72,11 +73,12 @@ def print_summary(summary: dict) -> None:
           f"({summary['ppo_minus_sft_in_stderr']:.1f} standard errors)")
     m = summary.get("server_metrics") or {}
     if m.get("rm_batch_size_count"):
+        padding = m["rm_padding_ratio_sum"] / max(1, m["rm_padding_ratio_count"])
+        wait_s = m["rm_queue_wait_seconds_sum"] / max(1, m["rm_queue_wait_seconds_count"])
         print(f"rm-server /metrics: {m['rm_samples_total']:.0f} samples scored in "
               f"{m['rm_batch_size_count']:.0f} batches (mean batch "
               f"{m['rm_batch_size_sum'] / m['rm_batch_size_count']:.1f}, mean padding "
-              f"{m['rm_padding_ratio_sum'] / max(1, m['rm_padding_ratio_count']):.0%}, mean queue wait "
-              f"{1e3 * m['rm_queue_wait_seconds_sum'] / max(1, m['rm_queue_wait_seconds_count']):.1f} ms)")
+              f"{padding:.0%}, mean queue wait {1e3 * wait_s:.1f} ms)")
     o = summary.get("overoptimization")
     if o:
         print(f"beta = 0 over PPO steps (rollouts, 3-step means): gold peaked at "

@@ -18,17 +18,15 @@ Every stage is the real command a user runs; their output streams through with a
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-import tyro
 
+import tyro
 
 PY = sys.executable
 
@@ -90,11 +88,14 @@ def scrape(metrics_port: int) -> dict[str, float]:
 
 
 def read_log(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def main(argv=None) -> int:
-    cfg = tyro.cli(DemoConfig, args=argv, prog="python -m demo.run", description=__doc__.split("\n")[0])
+    cfg = tyro.cli(DemoConfig, args=argv, prog="python -m demo.run",
+                   description=__doc__.split("\n")[0])
     return run(cfg)
 
 
@@ -117,10 +118,12 @@ def run(cfg: DemoConfig) -> int:
                        "--warmup-ratio", "0.05", "--eval-every", "1000000", "--checkpoint-every",
                        "1000000", "--torch-threads", threads, "--seed", str(cfg.seed)])
     if not (rm / "config.json").exists():
-        st.run("rm-train", [PY, "-m", "rm_server.cli", "train", "--data", str(world / "prefs.jsonl"),
-                            "--base", str(sft), "--out", str(rm), "--lr", "1e-3", "--epochs",
-                            "1" if cfg.quick else "2", "--batch-size", "32", "--eval-fraction", "0.1",
-                            "--save-every", "1000000", "--threads", threads, "--seed", str(cfg.seed)])
+        st.run("rm-train", [PY, "-m", "rm_server.cli", "train",
+                            "--data", str(world / "prefs.jsonl"), "--base", str(sft),
+                            "--out", str(rm), "--lr", "1e-3", "--epochs", "1" if cfg.quick else "2",
+                            "--batch-size", "32", "--eval-fraction", "0.1",
+                            "--save-every", "1000000", "--threads", threads,
+                            "--seed", str(cfg.seed)])
     server = start_rm_server(rm, out, cfg.threads)
     try:
         runs = [("ppo", ppo, cfg.kl_coef, cfg.ppo_steps)]

@@ -32,10 +32,24 @@ import math
 import random
 from typing import NamedTuple
 
-from demo.grammar import (FUNCTION_WORDS, HELDOUT_PROMPTS, INTENS, TRAIN_PROMPTS,  # noqa: F401
-                          VALENCE, VPS, all_prompts, by_first_word, is_heldout, parse,
-                          prompt_kind, recognizes, render, sample_continuation, sample_prompt,
-                          tokenize)
+from demo.grammar import (  # noqa: F401
+    FUNCTION_WORDS,
+    HELDOUT_PROMPTS,
+    INTENS,
+    TRAIN_PROMPTS,
+    VALENCE,
+    VPS,
+    all_prompts,
+    by_first_word,
+    is_heldout,
+    parse,
+    prompt_kind,
+    recognizes,
+    render,
+    sample_continuation,
+    sample_prompt,
+    tokenize,
+)
 
 _MULTI_VP_INDEX = by_first_word(sorted((p for p in VPS if len(p) > 1), key=len, reverse=True))
 

@@ -3,10 +3,11 @@
 Same math as the Triton kernels (see ``kernels/token_logprobs.py``), one vocabulary chunk of
 logits at a time with torch ops in preallocated buffers:
 
-    z      = (h @ W[v0:v1]^T + b[v0:v1]) / tau                  (N, C) fp32, into a scratch buffer
-    m, s   online log-sum-exp over chunks: m' = max(m, max_c z), s' = s exp(m - m') + sum_c exp(z - m')
-    t      = sum exp(z - m) z, carried like s (only with entropy), so E_p[z] = t / s
-    dz     = g (1[v = y] - p) + e p (E_p[z] - z), then / tau      (backward, per recomputed chunk)
+    z    = (h @ W[v0:v1]^T + b[v0:v1]) / tau           (N, C) fp32, into a scratch buffer
+    m, s   online log-sum-exp over the chunks:        m' = max(m, max_c z),
+                                                      s' = s exp(m - m') + sum_c exp(z - m')
+    t    = sum exp(z - m) z, carried like s (only with entropy), so E_p[z] = t / s
+    dz   = (g (1[v = y] - p) + e p (E_p[z] - z)) / tau  (backward, per recomputed chunk)
 
 The forward's working memory is one N x chunk fp32 buffer (two with entropy), against two
 N x V for ``log_softmax(h @ W.T).gather(...)``: that is the win on the CPU. Matmuls run in fp32:

@@ -11,9 +11,13 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          PreTrainedTokenizerFast)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 WORDS = ("the a movie film plot actor acting great terrible boring wonderful awful good bad "
          "really very quite not story music scene ending loved hated it was is and but "
@@ -86,7 +90,8 @@ def spread_head(model: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     lin = head if isinstance(head, torch.nn.Linear) else head.out_proj
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 2.0 / lin.weight.shape[1] ** 0.5)
+        scale = 2.0 / lin.weight.shape[1] ** 0.5
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * scale)
         if lin.bias is not None:
             lin.bias.fill_(0.1)
 

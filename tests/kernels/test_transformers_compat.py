@@ -1,6 +1,7 @@
 """Our top-level `kernels` package shares its import name with Hugging Face's `kernels`
 (the kernel-hub client) that `transformers` probes for. With ours installed, transformers
-must still import, see no hub-kernels package, and run models (DESIGN §3 hazard)."""
+must still import, see no hub-kernels package, and run models (README "Troubleshooting" says
+what to do on a clash)."""
 
 import subprocess
 import sys

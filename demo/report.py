@@ -106,7 +106,7 @@ def gold_by_step(rollouts: Path) -> dict[int, float]:
 def plots(out: Path, log: list[dict], log0: list[dict]) -> bool:
     """ppo_curves.png (and overoptimization.png with ``log0``); False, with one line saying how
     to get them, when matplotlib (the [plots] extra) is not installed."""
-    from policy_trainer.rm_eval import plots_missing
+    from policy_trainer.plots import plots_missing
 
     if (missing := plots_missing()) is not None:
         print(missing)

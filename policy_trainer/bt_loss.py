@@ -35,7 +35,8 @@ def bradley_terry_loss(
     every micro-batch by the number of pairs in the whole batch) or "none" ((N,) losses).
     """
     if r_chosen.shape != r_rejected.shape:
-        raise ValueError(f"shapes differ: chosen {tuple(r_chosen.shape)}, rejected {tuple(r_rejected.shape)}")
+        raise ValueError(f"shapes differ: chosen {tuple(r_chosen.shape)}, "
+                         f"rejected {tuple(r_rejected.shape)}")
     delta = r_chosen - r_rejected  # (N,)
     if margin is not None:
         delta = delta - margin
@@ -50,8 +51,3 @@ def bradley_terry_loss(
         return loss
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
-
-def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Fraction of pairs where the RM agrees with the label; a tie (Δ = 0) counts one half."""
-    delta = r_chosen - r_rejected
-    return ((delta > 0).float() + 0.5 * (delta == 0).float()).mean()

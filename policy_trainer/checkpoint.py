@@ -1,16 +1,17 @@
-"""Resumable training checkpoints: OUT/checkpoints/step-N/, written atomically.
+"""Resumable training checkpoints, the same for every stage: OUT/checkpoints/step-N/.
 
 Each checkpoint is a loadable Hugging Face directory (model + tokenizer, ``save_pretrained``)
-plus ``trainer_state.pt``: optimizer, scheduler, RNG states, data cursor and the config it was
-written with. A checkpoint is written to a hidden ``.step-N.tmp`` directory and renamed into
-place, so a crash mid-write never leaves a half checkpoint that ``latest_checkpoint`` picks.
-:class:`TrainLog` (OUT/train_log.jsonl) rewinds with the checkpoint on resume. Shared by
-``policy-trainer sft`` and (later) ``ppo``.
+plus ``trainer_state.pt``: the step, the state of every optimizer, scheduler and controller,
+the RNG states, the data cursor and the config it was written with. A checkpoint is written
+to a hidden ``.step-N.tmp`` directory and renamed into place, so a crash mid-write never
+leaves a half checkpoint that ``latest_checkpoint`` picks. With the data order a function of
+(seed, epoch) (``data.epoch_order``), that is all a resumed run needs to take the same steps
+as one that ran through.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import random
 import re
@@ -19,12 +20,16 @@ from pathlib import Path
 
 import torch
 
+from policy_trainer.errors import UserError
+
+log = logging.getLogger("policy_trainer.checkpoint")
+
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Complete checkpoints under ``root`` as (step, path), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -39,6 +44,24 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def find_resume_point(out: Path, resume: bool, *, fresh_if_none: bool) -> Path | None:
+    """The checkpoint in OUT/checkpoints to continue from, or None to start fresh.
+
+    Without ``resume``, an OUT that already holds a run (a checkpoint, or a finished model) is
+    refused rather than overwritten. With ``resume`` and no checkpoint: start from the
+    beginning when ``fresh_if_none`` (``sft``, ``ppo``), else refuse (``rm``)."""
+    root = out / "checkpoints"
+    latest = latest_checkpoint(root)
+    if not resume and (latest is not None or (out / "config.json").exists()):
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, "
+                        "or choose another --out")
+    if resume and latest is None:
+        if not fresh_if_none:
+            raise UserError(f"--resume: no checkpoint in {root}")
+        log.info("--resume: no checkpoint in %s, starting from the beginning", root)
+    return latest
 
 
 def save_checkpoint(root: str | Path, step: int, model, tokenizer, state: dict,
@@ -62,7 +85,23 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer, state: dict,
 
 def load_state(path: str | Path) -> dict:
     # weights_only: a checkpoint holds tensors, numbers, strings and tuples; nothing to unpickle.
+    # map_location cpu: RNG states must stay there; load_state_dict moves optimizer state.
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def trainer_state(step: int, stateful: dict, **extra) -> dict:
+    """What ``trainer_state.pt`` holds: the step, ``state_dict()`` of each of ``stateful``
+    (optimizers, schedulers, a KL controller) under its key, the RNG states, and ``extra``."""
+    return {"step": step, **{k: obj.state_dict() for k, obj in stateful.items()},
+            "rng": rng_state(), **extra}
+
+
+def restore(state: dict, stateful: dict) -> int:
+    """Load what :func:`trainer_state` saved into ``stateful`` and the RNGs; returns the step."""
+    for key, obj in stateful.items():
+        obj.load_state_dict(state[key])
+    set_rng_state(state["rng"])
+    return state["step"]
 
 
 def rng_state() -> dict:
@@ -77,27 +116,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class TrainLog:
-    """OUT/train_log.jsonl; on resume, records after the checkpoint's step are dropped (they
-    belong to the run that crashed and will be written again)."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        kept = []
-        if resume_step is not None and path.exists():
-            for ln in path.read_text().splitlines():
-                try:
-                    if json.loads(ln).get("step", 0) <= resume_step:
-                        kept.append(ln)
-                except ValueError:  # a line torn by the crash we are resuming from
-                    continue
-        path.write_text("".join(ln + "\n" for ln in kept))
-        self.f = path.open("a")
-
-    def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()  # a crash loses at most the record being written
-
-    def close(self) -> None:
-        self.f.close()

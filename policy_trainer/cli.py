@@ -3,7 +3,8 @@
     policy-trainer sft     --data demos.jsonl --base DIR --out DIR ...
     policy-trainer rm      --data prefs.jsonl --base DIR --out DIR ...   (also: rm-server train)
     policy-trainer rm-eval --model DIR --data prefs.jsonl ...            (also: rm-server eval)
-    policy-trainer ppo     --policy DIR --rm HOST:PORT[,HOST:PORT...] --prompts prompts.jsonl --out DIR ...
+    policy-trainer ppo     --policy DIR --rm HOST:PORT[,HOST:PORT...] --prompts prompts.jsonl \
+                           --out DIR ...
 
 Each subcommand's flags come from its config dataclass through ``tyro`` (one flag per field,
 the field's docstring as its help); ``--config FILE`` (YAML or JSON, keys as the field names)
@@ -34,8 +35,8 @@ COMMANDS = {
     "ppo": ("policy_trainer.ppo_loop", "PPOConfig", "train_ppo",
             "PPO against a reward model served over gRPC"),
 }
-# Errors of the reward-model commands that are the user's: malformed data raises ValueError
-# (prefs.ParseError) as `rm-server train` always reported it.
+# The reward-model commands also report a ValueError in one line, as `rm-server train` always
+# has: transformers raises it for a checkpoint it cannot read (an unknown model type, say).
 USER_ERRORS = (UserError, FileNotFoundError)
 RM_USER_ERRORS = USER_ERRORS + (ValueError,)
 
@@ -56,8 +57,9 @@ def parse_config(cfg_cls, argv: list[str], prog: str, description: str | None = 
             raise UserError(f"--config {path}: {str(e).splitlines()[0]}") from None
         names = {f.name: f for f in dataclasses.fields(cfg_cls)}
         if not isinstance(data, dict) or set(data) - set(names):
+            unknown = sorted(set(data) - set(names)) if isinstance(data, dict) else data
             raise UserError(f"--config {path}: expected a mapping of {cfg_cls.__name__} fields; "
-                        f"unknown: {sorted(set(data) - set(names)) if isinstance(data, dict) else data!r}")
+                            f"unknown: {unknown!r}")
         default = cfg_cls(**{n: data.get(n, _default(f)) for n, f in names.items()})
     return tyro.cli(cfg_cls, args=argv, default=default, prog=prog, description=description)
 

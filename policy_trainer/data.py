@@ -1,17 +1,19 @@
-"""JSONL readers for demonstrations and prompts; SFT examples (ids + labels), split and order.
+"""The data plumbing of every stage: JSONL reading with one bad-line policy, the order of the
+examples by (seed, epoch), the hold-out split, padding, and the max-length rule.
 
-Files are JSONL, one object per line:
+Inputs are JSONL, one object per line (other keys are allowed and ignored):
 
 - demonstrations (``policy-trainer sft``): ``{"prompt": str, "response": str}``
 - prompts (``policy-trainer ppo``): ``{"prompt": str}``
+- preferences (``policy-trainer rm`` / ``rm-eval``): see :mod:`policy_trainer.prefs`
 
-Other keys are allowed and ignored. Blank lines are not records: they are counted and skipped.
-Every other line that is not a valid record (bad UTF-8, bad JSON, not an object, a missing or
-non-string field, an empty response or prompt) is a *bad line*: collected with its line
-number, reported, counted; with ``strict`` the first one is fatal. Nothing is dropped silently.
-
-Tokenization goes through :class:`protos.encoding.Encoder`, the one the reward model is
-trained and served with, so the policy and the RM see the same ids for the same text.
+Blank lines are not records: they are counted and skipped. Every other line that is not a
+valid record (bad UTF-8, bad JSON, not an object, a missing or mistyped field, an empty
+response or prompt) is a *bad line*, kept with its line number and reason. The *bad-line
+policy* decides what happens next, the same for every command: ``"skip"`` keeps the good
+records and reports the bad lines (logged and counted); ``"error"`` refuses the file, naming
+the first few. ``sft`` and ``ppo`` spell it ``--strict`` (default skip), ``rm`` and ``rm-eval``
+``--bad-lines error|skip`` (default error). Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -20,16 +22,95 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Literal, NamedTuple
 
 import torch
 
 from policy_trainer.errors import UserError
-from protos.encoding import Encoder
 
-IGNORE_INDEX = -100  # label of a position that is not trained on (torch's cross_entropy default)
+BadLinePolicy = Literal["error", "skip"]
+MAX_LISTED_BAD_LINES = 5  # named in the message that refuses a file
+
+
+class BadLine(NamedTuple):
+    line: int  # 1-based line number in the file
+    reason: str
+
+
+@dataclass
+class JsonlFile:
+    """What reading a JSONL file found: the records, the bad lines and the blank ones."""
+
+    path: str
+    on_bad: BadLinePolicy = "skip"
+    hint: str = ""  # how to choose the other policy, said when the file is refused
+    records: list = field(default_factory=list)
+    bad: list[BadLine] = field(default_factory=list)
+    lines: int = 0
+    blank: int = 0
+    sha256: str = ""  # of the raw bytes: a resumed run checks it is reading the same data
+
+    def add_bad(self, line: int, reason: str) -> None:
+        self.bad.append(BadLine(line, reason))
+
+    def enforce(self) -> None:
+        """Apply the bad-line policy to the bad lines found so far (reading, then encoding,
+        may find them): "error" refuses the file; "skip" lets the good records through."""
+        if self.on_bad == "skip" or not self.bad:
+            return
+        n, k = len(self.bad), MAX_LISTED_BAD_LINES
+        listed = "; ".join(f"line {b.line}: {b.reason}" for b in self.bad[:k])
+        more = f" (and {n - k} more)" if n > k else ""
+        raise UserError(f"{self.path}: {n} malformed line(s): {listed}{more}. "
+                        f"Fix them, or {self.hint}.")
+
+    def report(self, log: logging.Logger, limit: int = 20) -> None:
+        for b in self.bad[:limit]:
+            log.warning("%s:%d: skipped bad line: %s", self.path, b.line, b.reason)
+        if len(self.bad) > limit:
+            log.warning("%s: ... and %d more bad lines", self.path, len(self.bad) - limit)
+        log.info("%s: %d records, %d bad lines, %d blank lines",
+                 self.path, len(self.records), len(self.bad), self.blank)
+
+
+def read_jsonl(path: str | Path, parse: Callable[[dict, int], object],
+               on_bad: BadLinePolicy = "skip", hint: str = "") -> JsonlFile:
+    """Every line of ``path`` through ``parse(obj, line)``, which raises ValueError saying what
+    is wrong with a bad record; then the bad-line policy (:meth:`JsonlFile.enforce`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    result, digest = JsonlFile(str(path), on_bad, hint), hashlib.sha256()
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            digest.update(raw)
+            result.lines += 1
+            try:
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    result.blank += 1
+                    continue
+                obj = json.loads(text)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                result.records.append(parse(obj, lineno))
+            except UnicodeDecodeError as e:
+                result.add_bad(lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+            except json.JSONDecodeError as e:
+                result.add_bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
+            except ValueError as e:
+                result.add_bad(lineno, str(e))
+    result.sha256 = digest.hexdigest()
+    result.enforce()
+    return result
+
+
+# ---------------------------------------------------------------- demonstrations and prompts
+
+STRICT_HINT = "drop --strict to skip and count them"
 
 
 @dataclass(frozen=True)
@@ -43,31 +124,6 @@ class Demo:
 class Prompt:
     prompt: str
     line: int
-
-
-@dataclass(frozen=True)
-class BadLine:
-    line: int
-    reason: str
-
-
-@dataclass
-class JsonlFile:
-    """What reading a JSONL file found: the records, the bad lines and the blank ones."""
-
-    path: str
-    records: list = field(default_factory=list)
-    bad: list[BadLine] = field(default_factory=list)
-    blank: int = 0
-    sha256: str = ""  # of the raw bytes: a resumed run checks it is reading the same data
-
-    def report(self, log: logging.Logger, limit: int = 20) -> None:
-        for b in self.bad[:limit]:
-            log.warning("%s:%d: skipped bad line: %s", self.path, b.line, b.reason)
-        if len(self.bad) > limit:
-            log.warning("%s: ... and %d more bad lines", self.path, len(self.bad) - limit)
-        log.info("%s: %d records, %d bad lines, %d blank lines",
-                 self.path, len(self.records), len(self.bad), self.blank)
 
 
 def _string_field(obj: dict, key: str, allow_empty: bool) -> str:
@@ -92,154 +148,27 @@ def parse_prompt(obj: dict, line: int) -> Prompt:
     return Prompt(_string_field(obj, "prompt", allow_empty=False), line)
 
 
-def read_jsonl(path: str | Path, parse: Callable[[dict, int], object],
-               strict: bool = False) -> JsonlFile:
-    """Read ``path`` line by line with ``parse``; bad lines are collected (or fatal if strict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    result, digest = JsonlFile(str(path)), hashlib.sha256()
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            digest.update(raw)
-            try:
-                text = raw.decode("utf-8")
-                if not text.strip():
-                    result.blank += 1
-                    continue
-                obj = json.loads(text)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                result.records.append(parse(obj, lineno))
-            except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-                if strict:
-                    raise UserError(f"{path}:{lineno}: {e}") from None
-                result.bad.append(BadLine(lineno, str(e)))
-    result.sha256 = digest.hexdigest()
-    return result
-
-
 def read_demos(path: str | Path, strict: bool = False) -> JsonlFile:
-    return read_jsonl(path, parse_demo, strict)
+    return read_jsonl(path, parse_demo, "error" if strict else "skip", STRICT_HINT)
 
 
 def read_prompts(path: str | Path, strict: bool = False) -> JsonlFile:
-    return read_jsonl(path, parse_prompt, strict)
+    return read_jsonl(path, parse_prompt, "error" if strict else "skip", STRICT_HINT)
 
 
-# ---------------------------------------------------------------- SFT examples
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX on prompt tokens; the response and its EOS are trained on
-    truncated: bool = False
-    no_context: bool = False  # no prompt and no BOS: the first response token is not trained
-
-
-@dataclass
-class EncodeStats:
-    examples: int = 0
-    truncated: int = 0  # prompt cut from the left to fit max_length
-    dropped: int = 0    # too long to train on (see encode_demo)
-    dropped_lines: list[int] = field(default_factory=list)
-    no_context: int = 0  # empty prompt and no BOS: the first response token is not trained
-
-
-def empty_prompt_ids(tokenizer) -> list[int]:
-    """What an empty prompt becomes: the context the first response token is predicted from.
-
-    The Encoder tokenizes a prompt with the tokenizer's special tokens, but an empty prompt with
-    none at all (``encode_text`` skips it), which would leave the first response token with no
-    position to be predicted from. So: the special tokens the tokenizer puts around any text
-    (Llama's BOS: the same rule as for a non-empty prompt), or, when it adds none to text
-    (GPT-2), its BOS token, the token ``generate()`` starts from when given no input. A
-    tokenizer with neither gives [] and the first response token cannot be trained.
-    """
-    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
-    if not ids and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id]
-    return ids
-
-
-def encode_demo(encoder: Encoder, demo: Demo, eos_token_id: int,
-                truncation: str = "left") -> Example | None:
-    """prompt ids (with special tokens) + response ids + EOS; labels mask the prompt.
-
-    Over ``encoder.max_length``: with ``truncation="left"`` the prompt loses tokens from its
-    start (the Encoder's rule for the RM: the end of the prompt, next to the response, matters
-    most) while the response is kept whole; an example whose response + EOS does not fit next
-    to at least one prompt token is dropped (None). With ``truncation="drop"`` every over-long
-    example is dropped. The response is never cut: a cut response would lose its EOS and teach
-    the policy not to stop.
-
-    An empty prompt becomes :func:`empty_prompt_ids` (BOS), so the first response token is
-    trained like any other; with a tokenizer that has no BOS it is not (its label is masked:
-    nothing precedes it) and ``Example.no_context`` says so.
-    """
-    ids, prompt_length = encoder.encode_text(demo.prompt, demo.response)
-    if prompt_length == 0:
-        context = empty_prompt_ids(encoder.tokenizer)
-        ids, prompt_length = context + ids, len(context)
-    ids = ids + [eos_token_id]
-    response_length = len(ids) - prompt_length
-    truncated = False
-    if len(ids) > encoder.max_length:
-        # Need one context token before the response: the first response token is predicted
-        # from the position before it.
-        if truncation == "drop" or response_length + 1 > encoder.max_length:
-            return None
-        cut = len(ids) - encoder.max_length
-        ids, prompt_length, truncated = ids[cut:], prompt_length - cut, True
-    labels = [IGNORE_INDEX] * prompt_length + ids[prompt_length:]
-    if prompt_length == 0:  # position 0 predicts nothing before it: say so in the labels
-        labels[0] = IGNORE_INDEX
-    return Example(ids, labels, truncated, no_context=prompt_length == 0)
-
-
-def encode_demos(encoder: Encoder, demos: list[Demo], eos_token_id: int,
-                 truncation: str = "left") -> tuple[list[Example], EncodeStats]:
-    examples, stats = [], EncodeStats()
-    for demo in demos:
-        ex = encode_demo(encoder, demo, eos_token_id, truncation)
-        if ex is None:
-            stats.dropped += 1
-            stats.dropped_lines.append(demo.line)
-            continue
-        stats.truncated += ex.truncated
-        stats.no_context += ex.no_context
-        examples.append(ex)
-    stats.examples = len(examples)
-    return examples, stats
-
-
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example. Padding is masked by attention_mask and labels, never
-    by comparing ids to pad_token_id (pad may equal EOS, and the EOS is trained on)."""
-    T = max(len(ex.input_ids) for ex in examples)
-    input_ids = torch.full((len(examples), T), pad_token_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)     # (B, T)
-    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)          # (B, T)
-    for i, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        input_ids[i, :n] = torch.tensor(ex.input_ids)
-        labels[i, :n] = torch.tensor(ex.labels)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-# ---------------------------------------------------------------- split and order
+# ---------------------------------------------------------------- order and split
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """The order of the training examples in ``epoch``: a function of (seed, epoch) alone, so
-    a resumed run needs only the cursor to continue the same sequence."""
+    """The order of ``n`` training examples in ``epoch``: a function of (seed, epoch) alone, so
+    a resumed run needs only its position to continue the same sequence."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
 def batch_indices(n: int, cursor: int, k: int, seed: int) -> list[int]:
-    """The ``k`` example indices after ``cursor`` (examples consumed so far), across epochs."""
+    """The ``k`` example indices after ``cursor`` (examples consumed so far), running on into
+    the next epoch's order: every batch is full (SFT's and PPO's order)."""
     out: list[int] = []
     while len(out) < k:
         epoch, pos = divmod(cursor, n)
@@ -249,9 +178,57 @@ def batch_indices(n: int, cursor: int, k: int, seed: int) -> list[int]:
     return out
 
 
-def split_eval(examples: list[Example], fraction: float, seed: int):
-    """(train, eval): a seeded random ``fraction`` held out, at least one example each side."""
-    n = len(examples)
+def epoch_batch(n: int, batch_size: int, epoch: int, batch: int, seed: int) -> list[int]:
+    """Batch ``batch`` of ``epoch`` when batches stay within an epoch (the reward model's
+    order): the epoch's order cut into ``batch_size`` pieces, the last one the remainder."""
+    return list(epoch_order(n, seed, epoch)[batch * batch_size:(batch + 1) * batch_size])
+
+
+def split_eval(items: list, fraction: float, seed: int,
+               group: Callable[[object], object] | None = None) -> tuple[list, list]:
+    """(train, eval): a seeded random ``fraction`` of the groups held out, at least one group
+    on each side (none held out with ``fraction`` 0 or a single group). ``group(item)`` names
+    the group an item belongs to (a preference line: the pairs of one ranking stay together);
+    by default each item is its own. Both sides come in the shuffled order of their groups."""
+    members: dict = {}
+    for i, item in enumerate(items):
+        members.setdefault(group(item) if group else i, []).append(item)
+    groups = sorted(members)
+    n = len(groups)
     k = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n >= 2 else 0
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [examples[i] for i in perm[k:]], [examples[i] for i in perm[:k]]
+    return ([item for i in perm[k:] for item in members[groups[i]]],
+            [item for i in perm[:k] for item in members[groups[i]]])
+
+
+# ---------------------------------------------------------------- padding and length
+
+def pad(seqs: list[list[int]], value: int, side: Literal["right", "left"] = "right"
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (B, T) long with T the longest: each sequence padded with ``value``
+    on ``side``, mask 1 on its real tokens. Padding is told by the mask, never by comparing
+    ids with the pad id (it may equal EOS, and an EOS is a real token)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), value, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)       # (B, T)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+DEFAULT_MAX_LENGTH = 1024  # when neither the model nor its tokenizer says
+
+
+def max_sequence_length(config, tokenizer=None) -> int:
+    """The longest sequence a model takes: its position table, capped by the tokenizer's
+    ``model_max_length`` when that is set (``policy-trainer rm`` saves the length it trained
+    with there); :data:`DEFAULT_MAX_LENGTH` when neither says."""
+    text = config.get_text_config()
+    limits = [getattr(text, k, None) for k in ("max_position_embeddings", "n_positions")]
+    limits = [n for n in limits if isinstance(n, int) and n > 0]
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:  # HF's "unset" is 1e30
+        limits.append(tok_max)
+    return min(limits) if limits else DEFAULT_MAX_LENGTH

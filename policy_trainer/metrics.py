@@ -1,26 +1,20 @@
-"""The trainer's diagnostics, three ways: JSONL, TensorBoard and Prometheus (prefix ``ppo_``).
+"""The PPO trainer's Prometheus metrics (prefix ``ppo_``) and the step-time split they report.
 
-Every PPO step produces one flat record (``ppo_loop``); ``StepLog`` writes it to
-OUT/train_log.jsonl (rewound on resume, see ``checkpoint.TrainLog``) and, when the
-``tensorboard`` package imports, to OUT/tensorboard as scalars; and the first
-``--log-rollouts`` rollouts of the step as text to OUT/rollouts.jsonl (for reading samples,
-or scoring them with another judge, e.g. the demo's hidden gold reward). ``PPOMetrics`` exposes the
-latest values as gauges and the step-time split, RM latency, retries and failed samples as
-histograms and counters on an optional ``--metrics-port`` (DESIGN §5: base units, counters end
-in ``_total``, bounded labels). Only rank 0 logs.
+Every PPO step produces one flat record (``ppo_loop``), written to the run's logs
+(``runlog.StepLog``: JSONL and TensorBoard). ``PPOMetrics`` exposes the latest values as
+gauges and the step-time split, RM latency, retries and failed samples as histograms and
+counters on an optional ``--metrics-port``: histograms in base units (seconds), counters end
+in ``_total``, label values bounded (the four phases). Only rank 0 serves them.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
+import time
+from contextlib import contextmanager
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-from policy_trainer import checkpoint
-
-log = logging.getLogger("policy_trainer.metrics")
 
 PHASES = ("generate", "score", "reference", "train")
 SECONDS_BUCKETS = (.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -96,40 +90,16 @@ class PPOMetrics:
             self._httpd.server_close()
 
 
-class StepLog:
-    """OUT/train_log.jsonl plus TensorBoard scalars (when the package is installed), and
-    OUT/rollouts.jsonl: samples of each step's rollouts as text (prompt, response, score)."""
+class PhaseTimer:
+    """Seconds per phase of a step; syncs CUDA so a phase is charged for its own kernels."""
 
-    def __init__(self, out: Path, resume_step: int | None, tensorboard: bool):
-        self.jsonl = checkpoint.TrainLog(out / "train_log.jsonl", resume_step)
-        self.rollouts = checkpoint.TrainLog(out / "rollouts.jsonl", resume_step)
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.warning("tensorboard is not installed: no TensorBoard events "
-                            "(pip install tensorboard, or pass --no-tensorboard)")
-            else:
-                # purge_step drops events a crashed run wrote after the checkpoint
-                self.tb = SummaryWriter(str(out / "tensorboard"),
-                                        purge_step=resume_step + 1 if resume_step else None)
+    def __init__(self, device: torch.device):
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def write(self, record: dict) -> None:
-        # NaN (e.g. explained variance of constant returns) is not JSON: write null
-        self.jsonl.write({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                          for k, v in record.items()})
-        if self.tb is not None and "step" in record and "event" not in record:
-            for k, v in record.items():
-                if k != "step" and _finite(v) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def write_rollouts(self, records: list[dict]) -> None:
-        for r in records:
-            self.rollouts.write(r)
-
-    def close(self) -> None:
-        self.jsonl.close()
-        self.rollouts.close()
-        if self.tb is not None:
-            self.tb.close()
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        self.sync()  # CPU-GPU sync: the phase's kernels finish inside its timing
+        self.seconds[phase] += time.perf_counter() - t0

@@ -31,44 +31,35 @@ import math
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from policy_trainer import checkpoint, distributed, ppo, rollout
 from policy_trainer.data import batch_indices
+from policy_trainer.device import pick_device
 from policy_trainer.errors import UserError
 from policy_trainer.logprobs import PolicyAndValue, response_logprobs
-from policy_trainer.metrics import PHASES, PPOMetrics, StepLog
+from policy_trainer.metrics import PHASES, PhaseTimer, PPOMetrics
 from policy_trainer.ppo_config import PPOConfig
-from policy_trainer.ppo_setup import (Models, Prompts, check_policy_head, connect_rm, load_models,
-                                      load_prompts)
+from policy_trainer.ppo_setup import (
+    Models,
+    Prompts,
+    build_optimizers,
+    check_policy_head,
+    connect_rm,
+    load_models,
+    load_prompts,
+)
+from policy_trainer.runlog import StepLog, progress_bar
 from policy_trainer.scoring import Collected, RMError, RMScorer, make_sample
-from policy_trainer.sft import build_optimizer, find_resume_point, pick_device
 
 __all__ = ["PPOConfig", "train_ppo"]
 log = logging.getLogger("policy_trainer.ppo")
 
 
 # ---------------------------------------------------------------- steps 1-4
-
-class PhaseTimer:
-    """Seconds per phase of a step; syncs CUDA so a phase is charged for its own kernels."""
-
-    def __init__(self, device):
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    @contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        yield
-        self.sync()
-        self.seconds[phase] += time.perf_counter() - t0
-
 
 @torch.no_grad()
 def rollout_forwards(ro: rollout.Rollouts, m: Models, temperature: float) -> None:
@@ -208,9 +199,7 @@ def train_ppo(cfg: PPOConfig) -> int:
     cfg.validate()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.torch_threads)
     d = distributed.init_from_env(device.type)
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
@@ -230,7 +219,7 @@ def train_ppo(cfg: PPOConfig) -> int:
 def _run(cfg: PPOConfig, d, device, closers: list) -> int:
     local_batch, local_mini = cfg.local_sizes(d.world_size)
     out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
-    resume_from = find_resume_point(cfg, ckpt_root)
+    resume_from = checkpoint.find_resume_point(out, cfg.resume, fresh_if_none=True)
 
     # 0. models (policy, frozen reference, critic), prompts, the RM connection
     m = load_models(cfg, resume_from, device)
@@ -241,23 +230,17 @@ def _run(cfg: PPOConfig, d, device, closers: list) -> int:
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(prompts.ids) / cfg.batch_size)
 
     # 0'. optimizers, lr schedules, KL controller; on resume their state, RNG and prompt cursor
-    policy_opt, policy_sched = build_optimizer(m.policy, cfg, total_steps)
-    value_cfg = dataclasses.replace(cfg, lr=cfg.value_lr or cfg.lr)
-    value_opt, value_sched = build_optimizer(m.critic, value_cfg, total_steps)
-    kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-              if cfg.adaptive_kl else ppo.FixedKLController(cfg.kl_coef))
+    stateful = build_optimizers(cfg, m, total_steps)
+    policy_opt, value_opt = stateful["optimizer"], stateful["value_optimizer"]
+    policy_sched, value_sched = stateful["scheduler"], stateful["value_scheduler"]
+    kl_ctl = stateful["kl_controller"]
     step = cursor = 0
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
         if state["data_sha256"] != prompts.sha256:
             raise UserError(f"{cfg.prompts} changed since the checkpoint; "
                             "resume needs the same prompts")
-        for obj, key in ((policy_opt, "optimizer"), (value_opt, "value_optimizer"),
-                         (policy_sched, "scheduler"), (value_sched, "value_scheduler"),
-                         (kl_ctl, "kl_controller")):
-            obj.load_state_dict(state[key])
-        checkpoint.set_rng_state(state["rng"])
-        step, cursor = state["step"], state["cursor"]
+        step, cursor = checkpoint.restore(state, stateful), state["cursor"]
         log.info("resumed from %s (step %d)", resume_from, step)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -274,18 +257,14 @@ def _run(cfg: PPOConfig, d, device, closers: list) -> int:
     def save(step: int) -> None:
         distributed.check_in_sync(d, m.policy, m.critic)
         if d.is_main:
-            state = {"step": step, "cursor": cursor, "optimizer": policy_opt.state_dict(),
-                     "value_optimizer": value_opt.state_dict(),
-                     "scheduler": policy_sched.state_dict(),
-                     "value_scheduler": value_sched.state_dict(),
-                     "kl_controller": kl_ctl.state_dict(), "rng": checkpoint.rng_state(),
-                     "config": dataclasses.asdict(cfg), "data_sha256": prompts.sha256}
+            state = checkpoint.trainer_state(step, stateful, cursor=cursor,
+                                             config=dataclasses.asdict(cfg),
+                                             data_sha256=prompts.sha256)
             checkpoint.save_checkpoint(ckpt_root, step, PolicyAndValue(m.policy, m.critic),
                                        m.tokenizer, state, cfg.keep_checkpoints)
         distributed.barrier(d)
 
-    bar = tqdm(total=total_steps, initial=step, desc="ppo", file=sys.stderr, dynamic_ncols=True,
-               disable=not (d.is_main and cfg.progress and sys.stderr.isatty()))
+    bar = progress_bar(total_steps, step, "ppo", d.is_main and cfg.progress)
     retries_seen = 0
     while step < total_steps:
         t0, timer = time.perf_counter(), PhaseTimer(device)

@@ -1,7 +1,8 @@
-"""Setting up ``policy-trainer ppo``: the policy, the frozen reference and the critic; the
-prompts; the connection to the reward service (input form by tokenizer fingerprint, reward
-normalization statistics). Each raises ``UserError`` (exit 2) or ``RMError`` (exit 1) with a
-one-line message, before any training starts.
+"""Setting up ``policy-trainer ppo`` (step 0): the policy, the frozen reference and the critic;
+the prompts; the connection to the reward service (input form by tokenizer fingerprint, reward
+normalization statistics); the optimizers, their schedules and the KL controller. Each raises
+``UserError`` (exit 2) or ``RMError`` (exit 1) with a one-line message, before any training
+starts.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from policy_trainer import rollout
-from policy_trainer.data import read_prompts
+from policy_trainer import ppo, rollout
+from policy_trainer.data import max_sequence_length, read_prompts
 from policy_trainer.errors import UserError
 from policy_trainer.logprobs import ValueModel, check_logprob_path
+from policy_trainer.optim import build_optimizer
 from policy_trainer.ppo_config import PPOConfig
 from policy_trainer.scoring import RMError, RMScorer, choose_input_mode
 from protos.encoding import Encoder, tokenizer_fingerprint
@@ -84,12 +86,11 @@ def load_models(cfg: PPOConfig, resume_from: Path | None, device) -> Models:
 
 
 def load_prompts(cfg: PPOConfig, m: Models) -> Prompts:
-    positions = getattr(m.policy.config, "max_position_embeddings", None) or \
-        getattr(m.policy.config, "n_positions", None) or 1 << 30
-    max_len = min(cfg.max_prompt_length, positions - cfg.max_new_tokens)
+    limit = max_sequence_length(m.policy.config, m.tokenizer)
+    max_len = min(cfg.max_prompt_length, limit - cfg.max_new_tokens)
     if max_len < 1:
         raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in "
-                        f"the policy's {positions} positions")
+                        f"the {limit} tokens the policy takes")
     found = read_prompts(cfg.prompts, strict=cfg.strict)
     found.report(log)
     if not found.records:
@@ -143,3 +144,20 @@ def connect_rm(cfg: PPOConfig, m: Models) -> tuple[RMScorer, str, tuple[float, f
              info.version, cfg.rm, mode, " (tokenizers differ)" if cfg.rm_input == "auto"
              and mode != "tokens" else "")
     return scorer, mode, norm
+
+
+def build_optimizers(cfg: PPOConfig, m: Models, total_steps: int) -> dict:
+    """AdamW and its lr schedule for the policy and for the critic (--value-lr), and the KL
+    controller: everything a checkpoint saves the state of, by its key there."""
+    def adamw(model, lr):
+        return build_optimizer(model, total_steps, lr=lr, schedule=cfg.lr_schedule,
+                               warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio,
+                               weight_decay=cfg.weight_decay,
+                               betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+    policy_opt, policy_sched = adamw(m.policy, cfg.lr)
+    value_opt, value_sched = adamw(m.critic, cfg.value_lr or cfg.lr)
+    kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.adaptive_kl else ppo.FixedKLController(cfg.kl_coef))
+    return {"optimizer": policy_opt, "value_optimizer": value_opt, "scheduler": policy_sched,
+            "value_scheduler": value_sched, "kl_controller": kl_ctl}

@@ -12,9 +12,10 @@ into its k(kâˆ’1)/2 pairs, each winner above each loser; ``margin`` (optional, â
 applies to every pair of the line. Pairs from one line stay together in the train/eval split.
 
 Nothing is skipped silently. A malformed line (not JSON, a missing or mistyped field, chosen
-equal to rejected, a role the Encoder refuses) is reported with its line number: by default the
-whole file is refused, listing the first errors; with ``bad_lines="skip"`` it is skipped and
-counted in :class:`DataReport`. Blank lines are counted too.
+equal to rejected, a role the Encoder refuses) is a bad line under the bad-line policy of every
+input (:mod:`policy_trainer.data`): by default (``--bad-lines error``) the whole file is
+refused, listing the first bad lines; with ``skip`` it is skipped and counted in
+:class:`DataReport`. Blank lines are counted too.
 
 Over-long pairs (more than ``max_length`` tokens, either side) follow ``truncation``:
 "left" (default) drops tokens from the start and keeps the end, where the score is read, exactly
@@ -24,15 +25,15 @@ pair (counted); "error" refuses the file, naming the line.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from policy_trainer.data import MAX_LISTED_BAD_LINES, BadLinePolicy, JsonlFile, read_jsonl
+from policy_trainer.errors import UserError
 from protos.encoding import ROLES, ChatInput, Encoder, InputError, TextInput
 
-MAX_LISTED_ERRORS = 5
+BAD_LINES_HINT = "pass --bad-lines skip to skip and count them"
 
 
 class ParseError(ValueError):
@@ -62,35 +63,44 @@ class EncodedPair:
 
 @dataclass
 class DataReport:
-    """Counts for the summary: every line and pair is accounted for."""
+    """Counts for the summary: every line and pair is accounted for. The lines, and the bad
+    ones (found by reading, then by encoding), are those of the file it was read from."""
 
-    path: str = ""
-    lines: int = 0
-    blank_lines: int = 0
-    bad_lines: int = 0
+    file: JsonlFile
     rankings: int = 0
     pairs: int = 0
     truncated_pairs: int = 0
     dropped_long_pairs: int = 0
     encoded_pairs: int = 0
-    errors: list[tuple[int, str]] = field(default_factory=list)  # (line, message), first few
 
-    def add_error(self, line: int, message: str) -> None:
-        self.bad_lines += 1
-        if len(self.errors) < MAX_LISTED_ERRORS:
-            self.errors.append((line, message))
+    @property
+    def path(self) -> str:
+        return self.file.path
 
-    def raise_if_bad(self, hint: str) -> None:
-        if not self.bad_lines:
-            return
-        listed = "; ".join(f"line {n}: {m}" for n, m in self.errors)
-        more = f" (and {self.bad_lines - len(self.errors)} more)" if self.bad_lines > len(self.errors) else ""
-        raise ValueError(f"{self.path}: {self.bad_lines} malformed line(s): {listed}{more}. {hint}")
+    @property
+    def lines(self) -> int:
+        return self.file.lines
+
+    @property
+    def blank_lines(self) -> int:
+        return self.file.blank
+
+    @property
+    def bad_lines(self) -> int:
+        return len(self.file.bad)
+
+    @property
+    def errors(self) -> list[tuple[int, str]]:
+        """The first few bad lines: (line, reason)."""
+        return self.file.bad[:MAX_LISTED_BAD_LINES]
 
     def summary(self) -> dict:
-        d = asdict(self)
-        d["errors"] = [f"line {n}: {m}" for n, m in self.errors]
-        return d
+        return {"path": self.path, "lines": self.lines, "blank_lines": self.blank_lines,
+                "bad_lines": self.bad_lines, "rankings": self.rankings, "pairs": self.pairs,
+                "truncated_pairs": self.truncated_pairs,
+                "dropped_long_pairs": self.dropped_long_pairs,
+                "encoded_pairs": self.encoded_pairs,
+                "errors": [f"line {n}: {m}" for n, m in self.errors]}
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -100,22 +110,26 @@ def _messages(value, name: str) -> tuple[tuple[str, str], ...]:
         raise ParseError(f"{name!r} must be a non-empty list of messages")
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
             raise ParseError(f"{name}[{i}] must be an object with string 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise ParseError(f"{name}[{i}].role: unknown role {m['role']!r} (expected one of {sorted(ROLES)})")
+            raise ParseError(f"{name}[{i}].role: unknown role {m['role']!r} "
+                             f"(expected one of {sorted(ROLES)})")
         out.append((m["role"], m["content"]))
     return tuple(out)
 
 
 def _response(prompt, value, name: str) -> TextInput | ChatInput:
-    """One response in the form its prompt asks for: text after a text prompt, messages after a chat one."""
+    """One response in the form its prompt asks for: text after a text prompt, messages after
+    a chat one."""
     if isinstance(prompt, str):
         if not isinstance(value, str):
             raise ParseError(f"{name!r} must be a string when 'prompt' is a string")
         return TextInput(prompt, value)
     if isinstance(value, str):
-        raise ParseError(f"{name!r} must be a list of messages (a text response needs a string 'prompt')")
+        raise ParseError(f"{name!r} must be a list of messages "
+                         "(a text response needs a string 'prompt')")
     return ChatInput(tuple(prompt or ()) + _messages(value, name))
 
 
@@ -159,43 +173,25 @@ def parse_record(record, line: int = 0) -> list[PreferencePair]:
     return [PreferencePair(chosen, rejected, margin, line)]
 
 
-def read_preferences(path: str | Path, bad_lines: str = "error") -> tuple[list[PreferencePair], DataReport]:
-    """Parse a preference JSONL file. ``bad_lines``: "error" (refuse the file) or "skip" (count)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file not found: {path}")
-    report = DataReport(path=str(path))
-    pairs: list[PreferencePair] = []
-    with path.open(encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            report.lines += 1
-            if not text.strip():
-                report.blank_lines += 1
-                continue
-            try:
-                record = json.loads(text)
-                got = parse_record(record, n)
-            except json.JSONDecodeError as e:
-                report.add_error(n, f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            except ParseError as e:
-                report.add_error(n, str(e))
-                continue
-            report.rankings += "ranking" in record
-            pairs.extend(got)
-    if bad_lines == "error":
-        report.raise_if_bad("Fix them, or pass --bad-lines skip to skip and count them.")
-    report.pairs = len(pairs)
+def read_preferences(path: str | Path, bad_lines: BadLinePolicy = "error"
+                     ) -> tuple[list[PreferencePair], DataReport]:
+    """The pairs of a preference JSONL file, under the bad-line policy ``bad_lines``."""
+    found = read_jsonl(path, lambda record, line: ("ranking" in record,
+                                                   parse_record(record, line)),
+                       bad_lines, BAD_LINES_HINT)
+    pairs = [p for _, line_pairs in found.records for p in line_pairs]
+    report = DataReport(found, rankings=sum(r for r, _ in found.records), pairs=len(pairs))
     if not pairs:
-        raise ValueError(f"{path}: no preference pairs in {report.lines} line(s)")
+        raise UserError(f"{path}: no preference pairs in {found.lines} line(s)")
     return pairs, report
 
 
 # -- encoding -----------------------------------------------------------------------------------
 
 def encode_pairs(pairs: list[PreferencePair], encoder: Encoder, report: DataReport,
-                 truncation: str = "left", bad_lines: str = "error") -> list[EncodedPair]:
-    """Token ids for each pair through the shared Encoder (the server's tokenization).
+                 truncation: str = "left") -> list[EncodedPair]:
+    """Token ids for each pair through the shared Encoder (the server's tokenization); a line
+    the Encoder refuses is a bad line of ``report``'s file, under its policy.
 
     ``encoder`` must truncate "left"; ``truncation`` "drop" and "error" act on its flag.
     """
@@ -211,7 +207,7 @@ def encode_pairs(pairs: list[PreferencePair], encoder: Encoder, report: DataRepo
                 encoded[item] = encoder.encode(item)
             except InputError as e:  # e.g. chat messages for a tokenizer with no chat template
                 failed.add(p.line)
-                report.add_error(p.line, str(e))
+                report.file.add_bad(p.line, str(e))
     out: list[EncodedPair] = []
     for p in pairs:
         if p.line in failed:  # the whole line goes, not some of a ranking's pairs
@@ -220,26 +216,17 @@ def encode_pairs(pairs: list[PreferencePair], encoder: Encoder, report: DataRepo
         truncated = c.truncated or r.truncated
         if truncated and truncation == "error":
             n = max(c.original_length, r.original_length)
-            raise ValueError(f"{report.path}: line {p.line}: {n} tokens is longer than max_length "
-                             f"{encoder.max_length} (pass --truncation left to keep the end, or drop)")
+            raise UserError(f"{report.path}: line {p.line}: {n} tokens is longer than max_length "
+                            f"{encoder.max_length} (pass --truncation left to keep the end, "
+                            "or drop)")
         if truncated and truncation == "drop":
             report.dropped_long_pairs += 1
             continue
         report.truncated_pairs += truncated
         out.append(EncodedPair(c.ids, r.ids, p.margin, p.line, truncated))
-    if bad_lines == "error":
-        report.raise_if_bad("Fix them, or pass --bad-lines skip to skip and count them.")
+    report.file.enforce()
     report.encoded_pairs = len(out)
     if not out:
-        raise ValueError(f"{report.path}: no pairs left to use after encoding "
-                         f"({report.bad_lines} bad line(s), {report.dropped_long_pairs} dropped as too long)")
+        raise UserError(f"{report.path}: no pairs left to use after encoding ({report.bad_lines} "
+                        f"bad line(s), {report.dropped_long_pairs} dropped as too long)")
     return out
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """sha256 (16 hex digits) of a file's bytes: resume refuses data that changed under it."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]

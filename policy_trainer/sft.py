@@ -7,7 +7,7 @@ tokens of its micro-batches: each micro-batch's summed loss is divided by the st
 count, so gradient accumulation gives the gradient of one big batch (averaging per-micro-batch
 means would over-weight short sequences). An empty prompt (an unconditional demonstration)
 starts from the tokenizer's BOS, so its first response token is trained too
-(``data.empty_prompt_ids``).
+(``sft_data.empty_prompt_ids``).
 
     policy-trainer sft --data demos.jsonl --base DIR --out DIR [--max-steps N] [--resume] ...
 
@@ -18,10 +18,8 @@ model and tokenizer in OUT (``save_pretrained``: loads with AutoModelForCausalLM
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +27,16 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from policy_trainer import checkpoint
-from policy_trainer.data import (IGNORE_INDEX, Example, batch_indices, collate, encode_demos, read_demos, split_eval)
+from policy_trainer.data import batch_indices, max_sequence_length, read_demos, split_eval
+from policy_trainer.device import pick_device
 from policy_trainer.errors import UserError
+from policy_trainer.optim import build_optimizer
+from policy_trainer.runlog import RunLog, progress_bar
+from policy_trainer.sft_data import IGNORE_INDEX, Example, collate, encode_demos
 from protos.encoding import Encoder
 
 log = logging.getLogger("policy_trainer.sft")
@@ -50,7 +51,7 @@ class SFTConfig:
     out: str
     """Output directory: final model + tokenizer, train_log.jsonl, checkpoints/step-N."""
     max_length: int = 512
-    """Longest sequence in tokens (prompt + response + EOS)."""
+    """Longest sequence in tokens (prompt + response + EOS); at most what the model takes."""
     truncation: Literal["left", "drop"] = "left"
     """Over-long examples: "left" cuts the prompt from its start and keeps the response whole
     (dropping the example if the response alone does not fit); "drop" drops them. Both counted."""
@@ -124,32 +125,6 @@ class SFTConfig:
 
 # ---------------------------------------------------------------- pieces
 
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str,
-              min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr for the ``step``-th optimizer step (0-based)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps  # the first step already moves (HF's starts at lr 0)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "cosine":
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress)
-    return 1.0
-
-
-def build_optimizer(model, cfg: SFTConfig, total_steps: int):
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    warmup = round(cfg.warmup_ratio * total_steps)
-    schedule = functools.partial(lr_lambda, warmup_steps=warmup, total_steps=total_steps,
-                                 schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy of every target token: position t predicts token t+1."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -195,15 +170,6 @@ def evaluate(model, examples: list[Example], cfg: SFTConfig, pad_id: int, device
 
 # ---------------------------------------------------------------- setup
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name}: {e}") from None
-
-
 def load_tokenizer_and_model(base: str, weights: Path | None, device):
     if not Path(base).is_dir():
         raise UserError(f"--base {base}: no such directory")
@@ -218,10 +184,12 @@ def load_tokenizer_and_model(base: str, weights: Path | None, device):
     return tokenizer, model.to(device)
 
 
-def load_examples(cfg: SFTConfig, tokenizer, vocab_size: int):
+def load_examples(cfg: SFTConfig, tokenizer, vocab_size: int, max_length: int | None = None):
+    """(examples, counts for the log, sha256 of the file); ``max_length`` defaults to the
+    config's."""
     demos = read_demos(cfg.data, strict=cfg.strict)
     demos.report(log)
-    encoder = Encoder(tokenizer, cfg.max_length, vocab_size)
+    encoder = Encoder(tokenizer, max_length or cfg.max_length, vocab_size)
     examples, stats = encode_demos(encoder, demos.records, tokenizer.eos_token_id, cfg.truncation)
     if stats.dropped:
         log.warning("%s: dropped %d over-long examples (lines %s%s)", cfg.data, stats.dropped,
@@ -242,16 +210,6 @@ def load_examples(cfg: SFTConfig, tokenizer, vocab_size: int):
     return examples, counts, demos.sha256
 
 
-def find_resume_point(cfg: SFTConfig, ckpt_root: Path) -> Path | None:
-    latest = checkpoint.latest_checkpoint(ckpt_root)
-    if latest is not None and not cfg.resume:
-        raise UserError(f"{ckpt_root} already holds checkpoints: pass --resume to continue, "
-                        "or choose another --out")
-    if cfg.resume and latest is None:
-        log.info("--resume: no checkpoint in %s, starting from the beginning", ckpt_root)
-    return latest
-
-
 def check_resume(state: dict, cfg: SFTConfig, data_sha256: str) -> None:
     if state["data_sha256"] != data_sha256:
         raise UserError(f"{cfg.data} changed since the checkpoint was written; "
@@ -268,48 +226,50 @@ def check_resume(state: dict, cfg: SFTConfig, data_sha256: str) -> None:
 def train_sft(cfg: SFTConfig) -> int:
     cfg.validate()
     hf_logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars drown the log
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    device = pick_device(cfg.device, cfg.torch_threads)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
     out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
-    resume_from = find_resume_point(cfg, ckpt_root)
+    resume_from = checkpoint.find_resume_point(out, cfg.resume, fresh_if_none=True)
 
-    # 1. model, tokenizer and data (tokenized with the RM's Encoder)
+    # 1. model, tokenizer and data (tokenized with the RM's Encoder, at most the model's length)
     tokenizer, model = load_tokenizer_and_model(cfg.base, resume_from, device)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # padding is masked by attention_mask and labels, so any id will do
         pad_id = tokenizer.eos_token_id
-    examples, counts, data_sha256 = load_examples(cfg, tokenizer, model.config.vocab_size)
+    max_length = min(cfg.max_length, max_sequence_length(model.config, tokenizer))
+    if max_length < cfg.max_length:
+        log.info("--max-length %d is more than the model takes: using %d",
+                 cfg.max_length, max_length)
+    examples, counts, data_sha256 = load_examples(cfg, tokenizer, model.config.vocab_size,
+                                                  max_length)
     train_set, eval_set = split_eval(examples, cfg.eval_fraction, cfg.seed)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
 
     # 2. optimizer, schedule and, on resume, their state, the RNG and the data cursor
-    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    optimizer, scheduler = build_optimizer(
+        model, total_steps, lr=cfg.lr, schedule=cfg.lr_schedule, warmup_ratio=cfg.warmup_ratio,
+        min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay,
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    stateful = {"optimizer": optimizer, "scheduler": scheduler}
     step = cursor = 0
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
         check_resume(state, cfg, data_sha256)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        step, cursor = state["step"], state["cursor"]
+        step, cursor = checkpoint.restore(state, stateful), state["cursor"]
         log.info("resumed from %s (step %d)", resume_from, step)
     out.mkdir(parents=True, exist_ok=True)
-    train_log = checkpoint.TrainLog(out / "train_log.jsonl", step if resume_from else None)
+    train_log = RunLog(out / "train_log.jsonl", step if resume_from else None)
     train_log.write({"event": "start", "step": step, "total_steps": total_steps,
                      "n_train": len(train_set), "n_eval": len(eval_set), **counts})
 
     def save(step: int) -> None:
-        state = {"step": step, "cursor": cursor, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
-                 "config": dataclasses.asdict(cfg), "data_sha256": data_sha256}
+        state = checkpoint.trainer_state(step, stateful, cursor=cursor,
+                                         config=dataclasses.asdict(cfg), data_sha256=data_sha256)
         checkpoint.save_checkpoint(ckpt_root, step, model, tokenizer, state, cfg.keep_checkpoints)
 
     # 3. train: one optimizer step per batch of micro_batch_size * grad_accum_steps examples
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="sft", file=sys.stderr, dynamic_ncols=True,
-               disable=not (cfg.progress and sys.stderr.isatty()))
+    bar = progress_bar(total_steps, step, "sft", cfg.progress)
     while step < total_steps:
         t0 = time.perf_counter()
         idx = batch_indices(len(train_set), cursor, cfg.batch_size, cfg.seed)

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy_trainer.bt_loss import bradley_terry_loss, pairwise_accuracy
+from policy_trainer.bt_loss import bradley_terry_loss
+from policy_trainer.rm_metrics import pairwise_accuracy
 
 
 def t(*xs):

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from policy_trainer.errors import UserError
+from policy_trainer.prefs import ParseError, encode_pairs, parse_record, read_preferences
 from protos.encoding import ChatInput, Encoder, TextInput
-from policy_trainer.prefs import (DataReport, ParseError, encode_pairs, parse_record,
-                             read_preferences)
 
 USER = {"role": "user", "content": "hi"}
 
@@ -83,7 +83,7 @@ MIXED = [
 
 
 def test_malformed_lines_refuse_the_file_by_default_with_line_numbers(tmp_path):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         read_preferences(write(tmp_path, MIXED))
     msg = str(e.value)
     assert "3 malformed line(s)" in msg
@@ -100,14 +100,14 @@ def test_skip_counts_everything(tmp_path):
 
 
 def test_many_bad_lines_list_the_first_few(tmp_path):
-    with pytest.raises(ValueError, match=r"12 malformed line\(s\).*\(and 7 more\)"):
+    with pytest.raises(UserError, match=r"12 malformed line\(s\).*\(and 7 more\)"):
         read_preferences(write(tmp_path, ["{"] * 12 + [MIXED[0]]))
 
 
 def test_missing_and_empty_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(UserError, match="nope.jsonl: no such file"):
         read_preferences(tmp_path / "nope.jsonl")
-    with pytest.raises(ValueError, match="no preference pairs"):
+    with pytest.raises(UserError, match="no preference pairs"):
         read_preferences(write(tmp_path, ["", ""]))
 
 
@@ -129,7 +129,7 @@ def test_over_long_pairs_follow_the_policy(tmp_path, tokenizer, policy):
     pairs, report = read_preferences(path)
     enc = Encoder(tokenizer, 16, len(tokenizer))
     if policy == "error":
-        with pytest.raises(ValueError, match="line 2: .* longer than max_length 16"):
+        with pytest.raises(UserError, match="line 2: .* longer than max_length 16"):
             encode_pairs(pairs, enc, report, truncation=policy)
         return
     got = encode_pairs(pairs, enc, report, truncation=policy)
@@ -145,10 +145,12 @@ def test_encoder_errors_are_reported_by_line(tmp_path):
     from tests.tiny import train_tokenizer
 
     no_chat = train_tokenizer(chat=False)
-    pairs, report = read_preferences(write(tmp_path, [MIXED[0], MIXED[6]]))
+    path = write(tmp_path, [MIXED[0], MIXED[6]])
+    pairs, report = read_preferences(path)
     enc = Encoder(no_chat, 64, len(no_chat))
-    with pytest.raises(ValueError, match="line 2: conversation: this model's tokenizer has no chat template"):
+    with pytest.raises(UserError, match="line 2: conversation: this model's tokenizer has no "
+                                        "chat template"):
         encode_pairs(pairs, enc, report)
-    report = DataReport(path="x")
-    got = encode_pairs(pairs, enc, report, bad_lines="skip")
+    pairs, report = read_preferences(path, bad_lines="skip")
+    got = encode_pairs(pairs, enc, report)
     assert len(got) == 1 and report.bad_lines == 1

@@ -24,15 +24,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rm_server import cli
+from demo.labeler import BradleyTerryLabeler
+from policy_trainer import checkpoint
 from policy_trainer import rm_train as train_mod
 from policy_trainer.errors import UserError
-from protos.encoding import ChatInput, Encoder, TextInput
-from policy_trainer.rm_eval import (calibration, forward_rewards, forward_rewards_one, pair_metrics,
-                                score_pairs, spearman)
-from demo.labeler import BradleyTerryLabeler
 from policy_trainer.prefs import EncodedPair
-from policy_trainer.rm_train import TrainConfig, load_model, train
+from policy_trainer.rm_metrics import calibration, pair_metrics, spearman
+from policy_trainer.rm_model import forward_rewards, forward_rewards_one, load_model, score_pairs
+from policy_trainer.rm_train import TrainConfig, train
+from protos.encoding import ChatInput, Encoder, TextInput
+from rm_server import cli
 from tests import tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,7 +246,7 @@ def test_resume_continues_at_the_same_step_with_the_same_losses(world, tmp_path,
         train(cfg(tmp_path / "b"))
     monkeypatch.setattr(train_mod, "train_step", real)
     b = tmp_path / "b"
-    assert [p.name for p in train_mod.list_checkpoints(b)] == ["step-3"]
+    assert [p.name for _, p in checkpoint.list_checkpoints(b / "checkpoints")] == ["step-3"]
     assert len((b / "train_log.jsonl").read_text().splitlines()) == 4  # step 4 ran past the checkpoint
     assert train(cfg(b, resume=True)) == 0
 

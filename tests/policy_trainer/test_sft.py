@@ -14,8 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from policy_trainer import cli, data, sft
-from policy_trainer.data import IGNORE_INDEX, Demo, collate, encode_demo, read_demos
+from policy_trainer.data import Demo, read_demos
 from policy_trainer.errors import UserError
+from policy_trainer.optim import build_optimizer
+from policy_trainer.sft_data import IGNORE_INDEX, collate, encode_demo
 from protos.encoding import Encoder
 from tests import tiny
 
@@ -140,7 +142,8 @@ def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
     assert "Expecting" in reasons[0] and "missing key 'response'" in reasons[1]
     assert "expected a JSON object" in reasons[2] and "must be a string" in reasons[3]
     assert len(demos.records) == 10 and demos.blank == 1
-    with pytest.raises(UserError, match=r"demos.jsonl:3: "):
+    with pytest.raises(UserError, match=r"demos.jsonl: 4 malformed line\(s\): line 3: not valid "
+                       r"JSON .*; line 6: missing key 'response'.*drop --strict"):
         read_demos(tmp_path / "demos.jsonl", strict=True)
 
 
@@ -150,11 +153,27 @@ def test_batches_walk_a_fresh_permutation_each_epoch():
     assert data.batch_indices(5, cursor=7, k=4, seed=0) == idx[7:11]
 
 
+def lr_factors(total_steps: int, **schedule) -> list[float]:
+    """The multiplier of the peak lr at each step (0-based) of a ``build_optimizer`` schedule."""
+    optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), total_steps, lr=1.0, **schedule)
+    factors = []
+    for _ in range(total_steps):
+        factors.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
 def test_lr_schedule_warms_up_then_decays():
-    f = lambda s: sft.lr_lambda(s, warmup_steps=2, total_steps=10, schedule="cosine",  # noqa: E731
-                                min_lr_ratio=0.1)
-    assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
-    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(7 / 8 * math.pi)))
+    # transformers' warm-up: s / warmup, from 0 at the first step
+    f = lr_factors(10, schedule="cosine", warmup_ratio=0.2, min_lr_ratio=0.0)
+    assert f[:3] == [0.0, 0.5, 1.0]
+    assert f[9] == pytest.approx(0.5 * (1 + math.cos(7 / 8 * math.pi)))
+    f = lr_factors(10, schedule="cosine", warmup_ratio=0.2, min_lr_ratio=0.1)
+    assert f[2] == 1.0 and f[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(7 / 8 * math.pi)))
+    f = lr_factors(10, schedule="linear", warmup_ratio=0.0, min_lr_ratio=0.0)
+    assert f == pytest.approx([1 - s / 10 for s in range(10)])  # cleanrl's linear annealing
+    assert lr_factors(4, schedule="constant", warmup_ratio=0.5) == [0.0, 0.5, 1.0, 1.0]
 
 
 # ---------------------------------------------------------------- the command
@@ -226,7 +245,8 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, base, capsys):
     cases = [
         (run_args(tmp_path / "missing.jsonl", base, tmp_path / "o1"),
          "missing.jsonl: no such file"),
-        (run_args(data, base, tmp_path / "o2", "--strict"), "demos.jsonl:3: "),
+        (run_args(data, base, tmp_path / "o2", "--strict"), "demos.jsonl: 4 malformed line(s): "
+                                                             "line 3: "),
         (run_args(data, tmp_path / "nobase", tmp_path / "o3"), "nobase: no such directory"),
         (run_args(data, base, tmp_path / "o4", "--micro-batch-size", "0"), "--micro-batch-size"),
     ]

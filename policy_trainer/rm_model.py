@@ -1,0 +1,123 @@
+"""The reward model as it trains: a base loaded as a 1-label sequence classifier, and its
+scores for batches of token ids.
+
+A causal-LM base gets a scalar head on the last token (InstructGPT), initialized
+N(0, 1/(H+1)) as in Stiennon et al. (2020); a sequence-classification base keeps its head.
+Weights train in fp32. With no pad token, pad = eos on the tokenizer and the config, so the
+checkpoint scores batches.
+
+Scoring pads on the right with the checkpoint's ``pad_token_id`` and reads the model's own
+``*ForSequenceClassification`` output, so a batch scores exactly what each sequence scores
+alone (HF's rule: the last non-pad token), and what ``rm-server serve`` returns for it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from policy_trainer.data import pad
+from policy_trainer.errors import UserError
+from policy_trainer.prefs import EncodedPair
+
+DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop",
+                "embd_pdrop", "summary_first_dropout", "hidden_dropout_prob",
+                "attention_probs_dropout_prob", "classifier_dropout")
+
+
+def load_model(path: str | Path, seed: int, disable_dropout: bool):
+    """A 1-label sequence-classification model in fp32; (model, names of new head weights)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    archs = config.architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
+        raise UserError(f"{path} is a classifier with {config.num_labels} labels; "
+                        "a reward model has 1")
+    config.num_labels = 1
+    config.id2label, config.label2id = {0: "reward"}, {"reward": 0}
+    if disable_dropout:
+        text = config.get_text_config()
+        for obj in {id(config): config, id(text): text}.values():
+            for k in DROPOUT_KEYS:
+                if isinstance(getattr(obj, k, None), float):
+                    setattr(obj, k, 0.0)
+    torch.manual_seed(seed)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, dtype=torch.float32, output_loading_info=True)
+    prefix = model.base_model_prefix + "."
+    missing = sorted(info["missing_keys"])
+    backbone = [k for k in missing if k.startswith(prefix) and "pooler" not in k]
+    if backbone:
+        raise UserError(f"{path}: {len(backbone)} backbone weights missing (e.g. {backbone[0]}): "
+                        f"is it a checkpoint of {type(model).__name__}'s architecture?")
+    head = [k for k in missing if not k.startswith(prefix)]
+    with torch.no_grad():  # Stiennon et al. 2020: reward head ~ N(0, 1/(d_model + 1))
+        for name in head:
+            p = model.get_parameter(name)
+            p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1] + 1)) if p.dim() == 2 else p.zero_()
+    if disable_dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    # nn.Embedding(padding_idx=pad) zeroes the gradient of every occurrence of the pad id. A base
+    # built with no pad id has none; its checkpoint, saved with pad = eos, would freeze the EOS
+    # row that chat templates use mid-sequence, and a resumed run would train differently from
+    # an uninterrupted one. Padding sits right of the scored token (causal) or is masked, so it
+    # sends no gradient anyway: let every row train, whatever the load path.
+    emb = model.get_input_embeddings()
+    if getattr(emb, "padding_idx", None) is not None:
+        emb.padding_idx = None
+    return model, head
+
+
+def ensure_pad(tokenizer, config) -> str:
+    """Make sure the checkpoint can score batches; returns a note for the summary."""
+    text = config.get_text_config()
+    note = ""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise UserError("the tokenizer has neither a pad nor an eos token; "
+                            "add a pad token to the base")
+        tokenizer.pad_token = tokenizer.eos_token
+        note = " (pad = eos, set by train)"
+    if text.pad_token_id is None:
+        text.pad_token_id = tokenizer.pad_token_id
+    return f"pad_token_id {text.pad_token_id}{note}"
+
+
+def forward_rewards(model, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Scalar rewards (B,) fp32 of the model's own forward; with grad if grad is enabled."""
+    pad_id = model.config.get_text_config().pad_token_id
+    if pad_id is None:  # HF refuses batches without a pad id: score one at a time
+        return torch.cat([forward_rewards_one(model, s, device) for s in seqs])
+    ids, mask = pad(seqs, pad_id)  # (B, T) each, right-padded
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    return out.logits[:, 0].float()  # (B,)
+
+
+def forward_rewards_one(model, seq: list[int], device: torch.device) -> torch.Tensor:
+    ids = torch.tensor([seq], dtype=torch.long, device=device)
+    return model(input_ids=ids).logits[:, 0].float()
+
+
+@torch.no_grad()
+def score_pairs(model, pairs: list[EncodedPair], device: torch.device, batch_size: int = 32,
+                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (N,) fp32 on the CPU, in the order of ``pairs``.
+
+    Pairs are scored in length-sorted batches (less padding); the order is restored.
+    """
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
+    r_w, r_l = torch.empty(len(pairs)), torch.empty(len(pairs))
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc="scoring", unit="batch", disable=not progress, leave=False):
+        idx = order[s:s + batch_size]
+        seqs = [pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx]
+        r = forward_rewards(model, seqs, device).cpu()  # (2m,)
+        r_w[idx], r_l[idx] = r[:len(idx)], r[len(idx):]
+    return r_w, r_l

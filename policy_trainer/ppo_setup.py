@@ -15,9 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from policy_trainer import ppo, rollout
+from policy_trainer.critic import ValueModel
 from policy_trainer.data import max_sequence_length, read_prompts
 from policy_trainer.errors import UserError
-from policy_trainer.logprobs import ValueModel, check_logprob_path
+from policy_trainer.logprobs import check_logprob_path
 from policy_trainer.optim import build_optimizer
 from policy_trainer.ppo_config import PPOConfig
 from policy_trainer.scoring import RMError, RMScorer, choose_input_mode

@@ -20,12 +20,12 @@ same tokens as one that ran through, and nothing else's RNG stream is disturbed.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
 
+from policy_trainer.data import pad
 from protos.encoding import Encoder
 
 
@@ -43,18 +43,6 @@ def encode_prompts(encoder: Encoder, prompts: list[str], max_length: int
     return out, cut
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), both (B, P): each sequence right-aligned."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, P - len(s):] = torch.tensor(s)
-            mask[i, P - len(s):] = 1
-    return ids, mask
-
-
 def truncate_at_stop(response: torch.Tensor, stop_ids: list[int]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(response_mask (B, R) long, ended (B,) bool): valid up to and including the first stop
@@ -68,11 +56,15 @@ def truncate_at_stop(response: torch.Tensor, stop_ids: list[int]
     return mask.long(), ended
 
 
+# The per-token tensors a PPO step attaches to its rollouts, each (B, R) like the response.
+PER_TOKEN = ("logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns",
+             "train_mask")
+
+
 @dataclass
 class Rollouts:
-    """B rollouts in one padded layout (module docstring), plus what later steps attach:
-    per-token ``logprobs``, ``ref_logprobs``, ``values`` (B, R) from the rollout-time policy,
-    reference and critic, and anything else set by the loop."""
+    """B rollouts in one padded layout (module docstring), and what the PPO step attaches to
+    them, per response token (B, R), None until it does (the step numbers of ``ppo_loop``)."""
 
     query: torch.Tensor          # (B, P) left-padded
     query_mask: torch.Tensor     # (B, P)
@@ -80,7 +72,13 @@ class Rollouts:
     response_mask: torch.Tensor  # (B, R)
     ended: torch.Tensor          # (B,) bool: stopped at EOS / a stop token
     prompt_index: list[int]      # row -> index into the prompt set
-    extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # (B, R) or (B,)
+    logprobs: torch.Tensor | None = None      # 3. log π_old(y_t): the policy that sampled
+    ref_logprobs: torch.Tensor | None = None  # 3. log π_ref(y_t): the frozen reference
+    values: torch.Tensor | None = None        # 3. V_old(s_t): the critic at rollout time
+    rewards: torch.Tensor | None = None       # 4. R_t = -β·KL_t (+ the score at the end)
+    advantages: torch.Tensor | None = None    # 5-6. GAE advantages, whitened
+    returns: torch.Tensor | None = None       # 5. advantages + values: the value targets
+    train_mask: torch.Tensor | None = None    # 4. response_mask, 0 on rows the RM failed on
 
     @property
     def context_length(self) -> int:
@@ -101,48 +99,50 @@ class Rollouts:
     def __len__(self) -> int:
         return self.query.size(0)
 
-    def subset(self, idx: torch.Tensor) -> "Rollouts":
+    def per_token(self) -> dict[str, torch.Tensor]:
+        """The per-token tensors attached so far, by name."""
+        return {k: getattr(self, k) for k in PER_TOKEN if getattr(self, k) is not None}
+
+    def subset(self, idx: torch.Tensor) -> Rollouts:
         """Rows ``idx``, trimmed to their own padding: leading query columns that are padding in
         every row and response columns past the longest response are dropped (less compute
         per micro-batch; per-token tensors stay aligned at response column 0)."""
         qm, rm = self.query_mask[idx], self.response_mask[idx]
         lead = int((qm.sum(1)).max())  # CPU sync: a shape
         R = max(1, int(rm.sum(1).max()))
-        sub = {k: (v[idx][:, :R] if v.dim() == 2 else v[idx]) for k, v in self.extra.items()}
         return Rollouts(self.query[idx][:, -lead:], qm[:, -lead:], self.response[idx][:, :R],
                         rm[:, :R], self.ended[idx], [self.prompt_index[i] for i in idx.tolist()],
-                        sub)
+                        **{k: v[idx][:, :R] for k, v in self.per_token().items()})
 
-    def to(self, device) -> "Rollouts":
-        move = lambda t: t.to(device)  # noqa: E731
-        return Rollouts(move(self.query), move(self.query_mask), move(self.response),
-                        move(self.response_mask), move(self.ended), self.prompt_index,
-                        {k: move(v) for k, v in self.extra.items()})
+    def to(self, device) -> Rollouts:
+        return Rollouts(self.query.to(device), self.query_mask.to(device),
+                        self.response.to(device), self.response_mask.to(device),
+                        self.ended.to(device), self.prompt_index,
+                        **{k: v.to(device) for k, v in self.per_token().items()})
 
 
 def concat(chunks: list[Rollouts], pad_id: int) -> Rollouts:
     """One batch from generation chunks of different widths: queries re-left-padded to the
-    widest, responses and per-token tensors right-padded (with 0 / pad_id) to the longest."""
+    widest, responses and per-token tensors right-padded (with pad_id / 0) to the longest."""
     P = max(c.query.size(1) for c in chunks)
     R = max(c.response.size(1) for c in chunks)
 
-    def pad(t: torch.Tensor, width: int, value, left: bool = False) -> torch.Tensor:
+    def widen(t: torch.Tensor, width: int, value, left: bool = False) -> torch.Tensor:
         extra = width - t.size(1)
         if extra == 0:
             return t
         fill = torch.full((t.size(0), extra), value, dtype=t.dtype, device=t.device)
         return torch.cat([fill, t] if left else [t, fill], 1)
 
-    keys = chunks[0].extra.keys()
     return Rollouts(
-        torch.cat([pad(c.query, P, pad_id, left=True) for c in chunks]),
-        torch.cat([pad(c.query_mask, P, 0, left=True) for c in chunks]),
-        torch.cat([pad(c.response, R, pad_id) for c in chunks]),
-        torch.cat([pad(c.response_mask, R, 0) for c in chunks]),
+        torch.cat([widen(c.query, P, pad_id, left=True) for c in chunks]),
+        torch.cat([widen(c.query_mask, P, 0, left=True) for c in chunks]),
+        torch.cat([widen(c.response, R, pad_id) for c in chunks]),
+        torch.cat([widen(c.response_mask, R, 0) for c in chunks]),
         torch.cat([c.ended for c in chunks]),
         [i for c in chunks for i in c.prompt_index],
-        {k: torch.cat([pad(c.extra[k], R, 0) if c.extra[k].dim() == 2 else c.extra[k]
-                       for c in chunks]) for k in keys})
+        **{k: torch.cat([widen(getattr(c, k), R, 0) for c in chunks])
+           for k in chunks[0].per_token()})
 
 
 def sampling_config(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -160,7 +160,7 @@ def generate(policy, prompt_ids: list[list[int]], prompt_index: list[int],
              gen_config: GenerationConfig, stop_ids: list[int], pad_id: int, seed: int,
              device) -> Rollouts:
     """Sample one response per prompt under ``seed``; cut at the first EOS / stop token."""
-    query, query_mask = left_pad(prompt_ids, pad_id)
+    query, query_mask = pad(prompt_ids, pad_id, side="left")  # (B, P) each
     query, query_mask = query.to(device), query_mask.to(device)
     devices = [device] if device.type == "cuda" else []
     # generate() fills every field we leave unset from the checkpoint's generation_config

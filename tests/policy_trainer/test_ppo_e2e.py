@@ -21,9 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from policy_trainer import cli, ppo_loop
-from policy_trainer.logprobs import ValueModel
-from tests import tiny
+from policy_trainer.critic import ValueModel
 from rm_server.launch import start_server, wait_serving
+from tests import tiny
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from policy_trainer import cli, rollout
+from policy_trainer.critic import PolicyAndValue, ValueModel
 from policy_trainer.errors import UserError
-from policy_trainer.logprobs import (PolicyAndValue, ValueModel, check_logprob_path,
-                                     response_logprobs)
+from policy_trainer.logprobs import check_logprob_path, response_logprobs
 from policy_trainer.metrics import PPOMetrics
 from policy_trainer.ppo_config import PPOConfig
-from policy_trainer.ppo_loop import advantages
+from policy_trainer.ppo_loop import rewards_and_advantages
 from policy_trainer.scoring import RMError, RMScorer, choose_input_mode, make_sample
 from protos import reward_pb2 as pb
 from protos.encoding import tokenizer_fingerprint
@@ -99,21 +99,21 @@ def test_concat_and_subset_keep_response_columns_aligned(policy, tokenizer):
     c2 = rollout.generate(policy, prompt_ids(tokenizer, ["the plot was really boring", "b"]),
                           [1, 2], gen, stop, tokenizer.pad_token_id, 2, cpu)
     for c in (c1, c2):
-        c.extra["logprobs"] = response_logprobs(policy, c.query_responses, c.attention_mask,
-                                                c.context_length).detach()
+        c.logprobs = response_logprobs(policy, c.query_responses, c.attention_mask,
+                                       c.context_length).detach()
     b = rollout.concat([c1, c2], tokenizer.pad_token_id)
     assert b.prompt_index == [0, 1, 2] and b.query.size(1) == c2.query.size(1)
     assert torch.equal(b.response[0, :c1.response.size(1)], c1.response[0])
     # log-probs recomputed on the merged (more padded) layout agree with the chunk's own
     lp = response_logprobs(policy, b.query_responses, b.attention_mask, b.context_length)
     m = b.response_mask.bool()
-    assert torch.allclose(lp[m], b.extra["logprobs"][m], atol=1e-5)
+    assert torch.allclose(lp[m], b.logprobs[m], atol=1e-5)
     sub = b.subset(torch.tensor([2, 0]))
     assert sub.query.size(1) == max(len(prompt_ids(tokenizer, [t])[0]) for t in ["a", "b"])
     assert sub.response.size(1) == int(b.lengths[[2, 0]].max())
     lp_sub = response_logprobs(policy, sub.query_responses, sub.attention_mask, sub.context_length)
     ms = sub.response_mask.bool()
-    assert torch.allclose(lp_sub[ms], sub.extra["logprobs"][ms], atol=1e-5)
+    assert torch.allclose(lp_sub[ms], sub.logprobs[ms], atol=1e-5)
 
 
 # ---------------------------------------------------------------- log-probs and the critic
@@ -167,36 +167,36 @@ def fake_batch(B=4, R=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([5, 3, 4, 2])[:B]
     mask = (torch.arange(R)[None, :] < lengths[:, None]).long()
-    b = rollout.Rollouts(torch.ones(B, 2, dtype=torch.long), torch.ones(B, 2, dtype=torch.long),
-                         torch.ones(B, R, dtype=torch.long), mask,
-                         torch.tensor([True, True, False, True])[:B], list(range(B)))
-    b.extra.update(logprobs=-torch.rand(B, R, generator=g),
-                   ref_logprobs=-torch.rand(B, R, generator=g),
-                   values=torch.randn(B, R, generator=g))
-    return b
+    return rollout.Rollouts(torch.ones(B, 2, dtype=torch.long),
+                            torch.ones(B, 2, dtype=torch.long), torch.ones(B, R, dtype=torch.long),
+                            mask, torch.tensor([True, True, False, True])[:B], list(range(B)),
+                            logprobs=-torch.rand(B, R, generator=g),
+                            ref_logprobs=-torch.rand(B, R, generator=g),
+                            values=torch.randn(B, R, generator=g))
 
 
 def test_failed_samples_get_zero_weight_and_no_made_up_reward():
     cfg = PPOConfig(policy="p", rm="r", prompts="x", out="o", missing_eos_penalty=0.5)
     scores = torch.tensor([1.0, math.nan, -2.0, 0.5])  # row 1: the RM finally failed on it
     b = fake_batch()
-    sums, _ = advantages(b, scores, kl_coef=0.1, norm=(0.0, 1.0), cfg=cfg)
+    sums, _ = rewards_and_advantages(b, scores, kl_coef=0.1, reward_norm=(0.0, 1.0), cfg=cfg)
     assert sums["n_valid"] == 3
-    assert b.extra["train_mask"][1].sum() == 0 and b.extra["advantages"][1].abs().sum() == 0
-    assert b.extra["returns"][1].abs().sum() == 0
-    assert not torch.isnan(b.extra["advantages"]).any()
+    assert b.train_mask[1].sum() == 0 and b.advantages[1].abs().sum() == 0
+    assert b.returns[1].abs().sum() == 0
+    assert not torch.isnan(b.advantages).any()
     # the scored rows get exactly what they would get if the failed row had never existed
     keep = torch.tensor([0, 2, 3])
     alone = fake_batch().subset(keep)
-    sums_alone, _ = advantages(alone, scores[keep], kl_coef=0.1, norm=(0.0, 1.0), cfg=cfg)
-    assert torch.allclose(b.extra["advantages"][keep], alone.extra["advantages"], atol=1e-6)
+    sums_alone, _ = rewards_and_advantages(alone, scores[keep], kl_coef=0.1,
+                                           reward_norm=(0.0, 1.0), cfg=cfg)
+    assert torch.allclose(b.advantages[keep], alone.advantages, atol=1e-6)
     assert sums["score"] == pytest.approx(sums_alone["score"])
     # row 2 ran out of tokens without EOS: the penalty comes off its score, on its last token
-    logp, ref = b.extra["logprobs"][2], b.extra["ref_logprobs"][2]
+    logp, ref = b.logprobs[2], b.ref_logprobs[2]
     want = -2.0 - 0.5 - 0.1 * float(logp[3] - ref[3])
-    assert float(b.extra["rewards"][2, 3]) == pytest.approx(want)
-    assert float(b.extra["rewards"][0, 4]) == pytest.approx(1.0 - 0.1 * float(
-        b.extra["logprobs"][0, 4] - b.extra["ref_logprobs"][0, 4]))
+    assert float(b.rewards[2, 3]) == pytest.approx(want)
+    assert float(b.rewards[0, 4]) == pytest.approx(1.0 - 0.1 * float(
+        b.logprobs[0, 4] - b.ref_logprobs[0, 4]))
 
 
 def test_a_dead_rm_fails_samples_instead_of_scoring_them():

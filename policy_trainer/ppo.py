@@ -20,7 +20,6 @@ import math
 
 import torch
 
-
 # ---------------------------------------------------------------- masked statistics
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -178,7 +177,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim, H = logsumexp(z) - Σ p·z: (B, T, V) -> (B, T)."""
+    """Entropy of softmax(logits) over the last dim, H = logsumexp(z) - Σ p·z:
+    (B, T, V) -> (B, T)."""
     pd = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(-1)
 

@@ -1,8 +1,9 @@
 """``PPOConfig``: every setting of ``policy-trainer ppo``, one docstring each (they are the
 ``--help``). Sizes: ``batch_size`` and ``mini_batch_size`` count rollouts across all ranks;
-``micro_batch_size`` and ``generation_batch_size`` are per rank. Defaults follow the anchors
-(NOTES.md "RLHF defaults"): clip 0.2, value clip 0.2, γ = 1, λ = 0.95, 4 epochs, k1 KL, Adam
-ε = 1e-5 and a linearly annealed learning rate as in cleanrl.
+``micro_batch_size`` and ``generation_batch_size`` are per rank. Defaults follow the common
+PPO-RLHF recipe (cleanrl's summarize_from_feedback_details, Huang et al. 2024): clip 0.2,
+value clip 0.2, γ = 1, λ = 0.95, 4 epochs, k1 KL, Adam ε = 1e-5 and a linearly annealed
+learning rate.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class PPOConfig:
     max_prompt_length: int = 256
     """Prompt tokens at most; longer prompts are cut from the left (counted)."""
     max_new_tokens: int = 64
-    """Response tokens at most; a response that reaches it without EOS gets --missing-eos-penalty."""
+    """Response tokens at most; a response that reaches it without EOS gets
+    --missing-eos-penalty."""
     temperature: float = 1.0
     """Sampling temperature; log-probs for the PPO ratio and KL use the same temperature."""
     top_k: int = 0
@@ -77,7 +79,8 @@ class PPOConfig:
     mini_batch_size: int = 16
     """Rollouts per optimizer step, all ranks together."""
     micro_batch_size: int = 4
-    """Rollouts per forward/backward pass on one rank (gradient accumulation up to the minibatch)."""
+    """Rollouts per forward/backward pass on one rank (gradient accumulation up to the
+    minibatch)."""
     generation_batch_size: int = 16
     """Prompts per generate call on one rank; each finished chunk is sent to the RM at once."""
     num_ppo_epochs: int = 4

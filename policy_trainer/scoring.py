@@ -28,9 +28,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from protos import reward_pb2 as pb
-from rm_client import (AsyncRewardClient, ScoreResult, ScoringError, chat_sample,
-                              text_sample, token_sample)
 from protos.encoding import tokenizer_fingerprint
+from rm_client import (
+    AsyncRewardClient,
+    ScoreResult,
+    ScoringError,
+    chat_sample,
+    text_sample,
+    token_sample,
+)
 
 log = logging.getLogger("policy_trainer.scoring")
 

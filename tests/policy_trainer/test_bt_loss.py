@@ -66,7 +66,8 @@ def test_stable_at_large_differences():
 
 def test_sum_reduction_over_micro_batches_equals_the_batch_mean():
     g = torch.Generator().manual_seed(0)
-    r_w, r_l, m = torch.randn(10, generator=g), torch.randn(10, generator=g), torch.rand(10, generator=g)
+    r_w, r_l = torch.randn(10, generator=g), torch.randn(10, generator=g)
+    m = torch.rand(10, generator=g)
     whole = bradley_terry_loss(r_w, r_l, m, 0.01)
     parts = sum(bradley_terry_loss(r_w[s:s + 3], r_l[s:s + 3], m[s:s + 3], 0.01, reduction="sum")
                 for s in range(0, 10, 3)) / 10
@@ -81,7 +82,8 @@ def test_bad_arguments():
 
 
 def test_pairwise_accuracy_counts_ties_half():
-    assert pairwise_accuracy(t(1.0, 0.0, 2.0, 5.0), t(0.0, 1.0, 2.0, 4.0)).item() == pytest.approx(0.625)
+    accuracy = pairwise_accuracy(t(1.0, 0.0, 2.0, 5.0), t(0.0, 1.0, 2.0, 4.0))
+    assert accuracy.item() == pytest.approx(0.625)
 
 
 @settings(max_examples=50, deadline=None)

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policy_trainer import ppo
 
@@ -26,7 +27,7 @@ def naive_gae(rewards, values, lengths, gamma, lam):
         delta = [rewards[b, t].item() + gamma * (values[b, t + 1].item() if t + 1 < L else 0.0)
                  - values[b, t].item() for t in range(L)]
         for t in range(L):
-            adv[b, t] = sum((gamma * lam) ** l * delta[t + l] for l in range(L - t))
+            adv[b, t] = sum((gamma * lam) ** k * delta[t + k] for k in range(L - t))
     return adv
 
 

@@ -84,7 +84,7 @@ def finish(proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> str:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"trainer timed out:\n{log_path.read_text()}")
+        raise AssertionError(f"trainer timed out:\n{log_path.read_text()}") from None
     text = log_path.read_text()
     assert proc.returncode == 0, text
     return text

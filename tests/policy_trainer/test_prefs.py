@@ -54,11 +54,13 @@ def test_ranking_expands_into_all_ordered_pairs():
     ({"chosen": "a", "rejected": "b"}, "missing 'prompt'"),
     ({"prompt": "q", "chosen": 3, "rejected": "b"}, "'chosen' must be a string"),
     ({"prompt": "q", "chosen": "a", "rejected": "a"}, "identical"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"},
+     "'margin' must be a finite number"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": float("nan")}, "finite"),
     ({"chosen": chat("a"), "rejected": "b"}, "'rejected' must be a list of messages"),
     ({"chosen": [{"role": "user"}], "rejected": chat("b")}, "chosen[0] must be an object"),
-    ({"chosen": [{"role": "robot", "content": "x"}], "rejected": chat("b")}, "unknown role 'robot'"),
+    ({"chosen": [{"role": "robot", "content": "x"}], "rejected": chat("b")},
+     "unknown role 'robot'"),
     ({"chosen": [], "rejected": chat("b")}, "non-empty list"),
     ({"prompt": "q", "ranking": ["only"]}, "at least 2"),
     ({"prompt": "q", "ranking": ["a", "a"]}, "duplicate"),
@@ -93,7 +95,8 @@ def test_malformed_lines_refuse_the_file_by_default_with_line_numbers(tmp_path):
 
 def test_skip_counts_everything(tmp_path):
     pairs, report = read_preferences(write(tmp_path, MIXED), bad_lines="skip")
-    assert (report.lines, report.blank_lines, report.bad_lines, report.rankings, report.pairs) == (7, 1, 3, 1, 5)
+    counts = (report.lines, report.blank_lines, report.bad_lines, report.rankings, report.pairs)
+    assert counts == (7, 1, 3, 1, 5)
     assert [p.line for p in pairs] == [1, 5, 5, 5, 7]
     assert [n for n, _ in report.errors] == [3, 4, 6]
     assert report.summary()["errors"][0].startswith("line 3: not valid JSON")

@@ -82,8 +82,10 @@ def world(tmp_path_factory):
     train_recs += [chat_pair(*lab.label("", review(rng), review(rng))[:2]) for _ in range(16)]
     eval_recs = [lab.record("review:", review(rng), review(rng)) for _ in range(8)]
     eval_recs += [chat_pair(*lab.label("", review(rng), review(rng))[:2]) for _ in range(4)]
-    eval_recs += [{"prompt": "rank:", "ranking": [" great fun", " good", " awful dull"], "margin": 0.5}]
-    eval_recs += [{"prompt": " ".join(["movie"] * 40), "chosen": review(rng), "rejected": review(rng)}
+    eval_recs += [{"prompt": "rank:", "ranking": [" great fun", " good", " awful dull"],
+                   "margin": 0.5}]
+    eval_recs += [{"prompt": " ".join(["movie"] * 40), "chosen": review(rng),
+                   "rejected": review(rng)}
                   for _ in range(2)]  # longer than --max-length 64: truncated, the end kept
     return {"root": root, "base": str(base),
             "train": write_jsonl(root / "train.jsonl", train_recs),
@@ -91,9 +93,9 @@ def world(tmp_path_factory):
 
 
 def base_args(world, out) -> list[str]:
-    return ["train", "--data", world["train"], "--eval-data", world["eval"], "--base", world["base"],
-            "--out", str(out), "--batch-size", "16", "--lr", "3e-3", "--max-length", "64",
-            "--no-progress"]
+    return ["train", "--data", world["train"], "--eval-data", world["eval"],
+            "--base", world["base"], "--out", str(out), "--batch-size", "16", "--lr", "3e-3",
+            "--max-length", "64", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,8 @@ def trained(world):
 
 
 def expected_pairs(records) -> dict[int, list]:
-    """line -> [(chosen input, rejected input)], built here from the JSON, not by policy_trainer.prefs."""
+    """line -> [(chosen input, rejected input)], built here from the JSON, not by
+    policy_trainer.prefs."""
     def inp(prompt, resp):
         if isinstance(resp, str):
             return TextInput(prompt, resp)
@@ -153,7 +156,8 @@ def test_output_is_a_plain_checkpoint_with_stats_logs_and_plots(world, trained):
     for png in ("eval.png", "train_curves.png"):
         assert (trained / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((trained / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["id2label"] == {"0": "reward"}
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["id2label"] == {"0": "reward"}
     scores = [json.loads(t) for t in (trained / "eval_scores.jsonl").read_text().splitlines()]
     rewards = np.array([r["r_chosen"] for r in scores] + [r["r_rejected"] for r in scores])
     stats = json.loads((trained / "reward_stats.json").read_text())
@@ -172,8 +176,8 @@ def test_output_is_a_plain_checkpoint_with_stats_logs_and_plots(world, trained):
 
 
 def test_eval_cli_reproduces_the_training_evaluation(world, trained, tmp_path, capsys):
-    assert cli.main(["eval", "--model", str(trained), "--data", world["eval"], "--out", str(tmp_path),
-                     "--no-progress"]) == 0
+    assert cli.main(["eval", "--model", str(trained), "--data", world["eval"],
+                     "--out", str(tmp_path), "--no-progress"]) == 0
     got, ref = (json.loads((d / "eval.json").read_text()) for d in (tmp_path, trained))
     assert got["pairs"] == ref["pairs"] == 17 and got["accuracy"] == ref["accuracy"]
     for key in ("delta_mean", "delta_std", "loss", "ece", "reward_mean"):
@@ -247,7 +251,8 @@ def test_resume_continues_at_the_same_step_with_the_same_losses(world, tmp_path,
     monkeypatch.setattr(train_mod, "train_step", real)
     b = tmp_path / "b"
     assert [p.name for _, p in checkpoint.list_checkpoints(b / "checkpoints")] == ["step-3"]
-    assert len((b / "train_log.jsonl").read_text().splitlines()) == 4  # step 4 ran past the checkpoint
+    # step 4 ran past the checkpoint
+    assert len((b / "train_log.jsonl").read_text().splitlines()) == 4
     assert train(cfg(b, resume=True)) == 0
 
     a_rows, b_rows = ([json.loads(t) for t in (d / "train_log.jsonl").read_text().splitlines()]

@@ -1,8 +1,8 @@
 """The trainer's RM round trip (policy_trainer/scoring.py RMScorer) when the RM misbehaves: a
 malformed address, an unreachable RM (a line per retry round), a hung RM (alive, never
 answering: a chunk's samples fail within --rm-chunk-timeout, never zero-filled). No model:
-the hung RM is a gRPC server whose handlers never return; tests/rm_server/test_reliability.py does the
-same against a real SIGSTOP'd rm-server."""
+the hung RM is a gRPC server whose handlers never return; tests/rm_server/test_reliability.py
+does the same against a real SIGSTOP'd rm-server."""
 
 from __future__ import annotations
 

@@ -137,7 +137,8 @@ class Encoder:
         ids = list(ids)
         for i, t in enumerate(ids):
             if not 0 <= t < self.vocab_size:
-                raise InputError("tokens.ids", f"id {t} at position {i} is outside [0, {self.vocab_size})")
+                raise InputError("tokens.ids", f"id {t} at position {i} is outside "
+                                 f"[0, {self.vocab_size})")
         if not 0 <= prompt_length <= len(ids):
             raise InputError("tokens.prompt_length", f"{prompt_length} is outside [0, {len(ids)}]")
         return ids, prompt_length

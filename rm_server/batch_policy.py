@@ -5,16 +5,17 @@ A batch closes when it is full (``max_batch_size`` samples, or ``max_batch_token
 cost ``max_len * n``) or when its oldest sample has waited ``max_wait``; and at once when calls
 arrive further apart than ``max_wait`` on average: then waiting would bring no company and only
 add latency. Samples are grouped by length around an anchor (which is always taken, so nothing
-starves): on a 2-core CPU, FIFO batches carried ~70% padding and ran slower than single
-requests (NOTES.md). Batch slots are shared fairly among the callers with queued samples
-(:meth:`BatchPolicy.fair_keys`, :meth:`BatchPolicy.quotas`).
+starves): first-come batches of a mix of short and long samples are mostly padding, and on a
+CPU they can run slower than the samples one by one. Batch slots are shared fairly among the
+callers with queued samples (:meth:`BatchPolicy.fair_keys`, :meth:`BatchPolicy.quotas`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Hashable, Protocol
+from typing import Protocol
 
 
 class Sink(Protocol):
@@ -22,9 +23,9 @@ class Sink(Protocol):
 
     cancelled: bool
 
-    def deliver(self, results: list[tuple["Pending", float]]) -> None: ...
+    def deliver(self, results: list[tuple[Pending, float]]) -> None: ...
 
-    def fail(self, exc: BaseException, items: list["Pending"]) -> None:
+    def fail(self, exc: BaseException, items: list[Pending]) -> None:
         """End the call with ``exc`` (the batcher then drops the call's other samples)."""
 
 

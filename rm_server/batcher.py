@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Hashable
 
-from rm_server.batch_policy import BatchPolicy, Pending, Sink  # noqa: F401 (re-exported)
+from rm_server.batch_policy import BatchPolicy, Pending, Sink
 from rm_server.errors import DeadlineExceeded, Overloaded
 from rm_server.model_time import ModelTimeEstimate
-
 
 GAP_EMA = 0.25  # weight of the newest gap in the running mean of gaps between calls
 

@@ -40,8 +40,9 @@ def parse_config(cfg_cls, argv: list[str], prog: str, description: str | None = 
             raise ValueError(f"--config {path}: {str(e).splitlines()[0]}") from None
         names = {f.name: f for f in dataclasses.fields(cfg_cls)}
         if not isinstance(data, dict) or set(data) - set(names):
+            unknown = sorted(set(data) - set(names)) if isinstance(data, dict) else repr(data)
             raise ValueError(f"--config {path}: expected a mapping of {cfg_cls.__name__} fields; "
-                        f"unknown: {sorted(set(data) - set(names)) if isinstance(data, dict) else data!r}")
+                             f"unknown: {unknown}")
         default = cfg_cls(**{n: data.get(n, _default(f)) for n, f in names.items()})
     return tyro.cli(cfg_cls, args=argv, default=default, prog=prog, description=description)
 

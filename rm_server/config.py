@@ -39,11 +39,16 @@ class ServeConfig:
     max_length: int | None = None
     """Longest input in tokens (default: the model's position limit / tokenizer max)."""
     truncation: Literal["left", "error"] = "left"
-    """Over-long inputs: left = drop tokens from the start, keep the scored end (truncated=true); error = INVALID_ARGUMENT."""
+    """Over-long inputs: left = drop tokens from the start, keep the scored end
+    (truncated=true); error = INVALID_ARGUMENT."""
     prefix_sharing: bool = True
-    """Samples of a batch that share a token prefix (k responses to one prompt) run the prefix once (decoder RMs)."""
+    """Samples of a batch that share a token prefix (k responses to one prompt) run the prefix
+    once (decoder RMs)."""
     compile: bool = False
-    """torch.compile the model (inductor, dynamic shapes): a 7M RM served 1.1-1.15x faster on CPU (bench/RESULTS.md). Needs a C++ compiler (CPU) or Triton (CUDA); compiles before SERVING (about a minute for a small model on one core, seconds on a restart: inductor's on-disk cache)."""
+    """torch.compile the model (inductor, dynamic shapes): faster serving, measured in
+    bench/RESULTS.md. Needs a C++ compiler (CPU) or Triton (CUDA); compiles before SERVING
+    (about a minute for a small model on one core, seconds on a restart: inductor's on-disk
+    cache)."""
     max_batch_size: int | None = None
     """A batch closes at this many samples (default: 32 on CUDA, 16 on CPU)."""
     max_batch_tokens: int | None = None
@@ -57,7 +62,8 @@ class ServeConfig:
     max_samples_per_request: int = 1024
     """Samples one ScoreRequest may carry."""
     stream_admission_timeout_ms: float = 10_000
-    """On a stream, how long a request waits for room in a full queue (backpressure) before the stream ends UNAVAILABLE; unary calls are refused at once."""
+    """On a stream, how long a request waits for room in a full queue (backpressure) before the
+    stream ends UNAVAILABLE; unary calls are refused at once."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest gRPC message received or sent (RESOURCE_EXHAUSTED above it)."""
     max_concurrent_rpcs: int | None = 1024
@@ -69,7 +75,8 @@ class ServeConfig:
     drain_delay_seconds: float = 0.0
     """On shutdown, how long to keep serving after NOT_SERVING before refusing new calls."""
     auth_token_file: str | None = None
-    """File holding a bearer token; when set, RewardService calls need 'authorization: Bearer <token>' (health is exempt)."""
+    """File holding a bearer token; when set, RewardService calls need 'authorization: Bearer
+    <token>' (health is exempt)."""
     tls_cert: str | None = None
     """PEM server certificate chain: serve TLS on the main port."""
     tls_key: str | None = None
@@ -79,7 +86,8 @@ class ServeConfig:
     health_port: int | None = None
     """Extra plaintext port serving only grpc.health.v1 (for Kubernetes probes when TLS is on)."""
     min_ping_interval_ms: int = 10_000
-    """Shortest client keepalive ping interval accepted (faster pings earn GOAWAY too_many_pings); the client library pings every 30 s."""
+    """Shortest client keepalive ping interval accepted (faster pings earn GOAWAY
+    too_many_pings); the client library pings every 30 s."""
     log_level: str = "info"
     """Logging level: debug, info, warning, error."""
 

@@ -34,7 +34,7 @@ class InvalidArgument(ServiceError):
     reason = "invalid"
 
     @classmethod
-    def for_sample(cls, sample_id: str, field: str, message: str) -> "InvalidArgument":
+    def for_sample(cls, sample_id: str, field: str, message: str) -> InvalidArgument:
         return cls(f"sample {sample_id!r}: {field}: {message}")
 
 

@@ -15,10 +15,10 @@ import time
 
 import grpc
 
+from protos.service_name import METHOD_PREFIX
 from rm_server.errors import ServiceError, Unauthenticated
 
 log = logging.getLogger("rm_server")
-SERVICE_PREFIX = "/rlhf.reward.v1.RewardService/"
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -33,12 +33,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+        if handler is None or not details.method.startswith(METHOD_PREFIX):
             return handler
         cached = self._handlers.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        method = details.method[len(SERVICE_PREFIX):]
+        method = details.method[len(METHOD_PREFIX):]
         wrapped = handler
         if handler.unary_unary:
             wrapped = grpc.unary_unary_rpc_method_handler(
@@ -96,7 +96,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     async def _raise(self, exc: BaseException, code, context, method: str) -> None:
-        """Abort the call with ``code`` (cancellation and grpc's own aborts propagate as they are)."""
+        """Abort the call with ``code`` (cancellation and grpc's own aborts propagate as they
+        are)."""
         if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
             raise exc
         if isinstance(exc, ServiceError):

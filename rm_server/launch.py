@@ -1,7 +1,9 @@
 """Start a real ``rm-server serve`` subprocess on loopback and wait until it is SERVING.
 
 Used by the tests, the demo and the benchmarks (ports picked by the server, read back from
-``--port-file``)."""
+``--port-file``). It lives in the serving package, next to the command it starts, so that all
+three drive the server the same way; the server itself never imports it.
+"""
 
 from __future__ import annotations
 
@@ -109,5 +111,5 @@ def start_server(model_dir, *args: str, wait: bool = True, timeout: float = 90.0
             wait_serving(probe, max(1.0, end - time.monotonic()), proc)
         except Exception:
             server.stop(signal.SIGKILL)
-            raise RuntimeError(f"server never became SERVING:\n{server.log()}")
+            raise RuntimeError(f"server never became SERVING:\n{server.log()}") from None
     return server

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the reward server (prefix ``rm_``; DESIGN §5).
+"""Prometheus metrics of the reward server (prefix ``rm_``).
 
 Histograms in base units (seconds, samples, tokens), counters ending in ``_total``, bounded
 labels only (method names, status codes, a fixed set of rejection reasons). Each server owns a
@@ -21,8 +21,16 @@ import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram,
-                               PlatformCollector, ProcessCollector, make_wsgi_app)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -58,7 +66,8 @@ class Metrics:
                                     "(--max-queue); past it requests are refused with UNAVAILABLE",
                                     registry=r)
         self.inflight = Gauge("rm_inflight_requests", "RPCs being handled", registry=r)
-        self.rejected = Counter("rm_rejected", "Refused or dropped before the model, by reason (queue_full, deadline, cancelled: samples; others: requests)",
+        self.rejected = Counter("rm_rejected", "Refused or dropped before the model, by reason "
+                                "(queue_full, deadline, cancelled: samples; others: requests)",
                                 ["reason"], registry=r)
         self.internal_errors = Counter("rm_internal_errors", "Unexpected exceptions (INTERNAL)",
                                        registry=r)

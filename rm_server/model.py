@@ -38,10 +38,16 @@ import torch
 from torch import nn
 
 import kernels
-from rm_server.checkpoint import ModelLoadError, check_checkpoint, weights_version
 from protos.encoding import Encoder, tokenizer_fingerprint
-from rm_server.last_token import (FinalNorm, ScoredRowsMLP, describe_norm, last_layer_mlp,
-                                  last_token_index, prefix_groups)
+from rm_server.checkpoint import ModelLoadError, check_checkpoint, weights_version
+from rm_server.last_token import (
+    FinalNorm,
+    ScoredRowsMLP,
+    describe_norm,
+    last_layer_mlp,
+    last_token_index,
+    prefix_groups,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # model_type -> attribute of the backbone holding the final norm
@@ -54,8 +60,7 @@ class RewardModel:
 
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_length: int | None = None, truncation: str = "left",
-                 name: str | None = None, force_forward: bool = False,
-                 prefix_sharing: bool = True, min_shared_prefix: int = 16,
+                 name: str | None = None, prefix_sharing: bool = True, min_shared_prefix: int = 16,
                  compile: bool = False):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -86,7 +91,7 @@ class RewardModel:
         self.architecture = type(self.model).__name__
         self._final_norm: FinalNorm | None = None
         self._rows_mlp: ScoredRowsMLP | None = None
-        self.scoring_path = "forward" if force_forward else self._setup_last_token()
+        self.scoring_path = self._setup_last_token()
         self.forward_mode = self._setup_forward() if self.scoring_path == "forward" else None
         self.reward_stats = self._read_reward_stats()
         self.compiled = compile
@@ -126,7 +131,6 @@ class RewardModel:
         if final_norm is None:
             return "forward"
         self._backbone, self._head, self._final_norm = backbone, head, final_norm
-        self._norm_attr, self._norm_module = norm_attr, getattr(backbone, norm_attr)
         setattr(backbone, norm_attr, nn.Identity())
         mlp = last_layer_mlp(backbone)
         self._rows_mlp = ScoredRowsMLP(mlp) if mlp is not None else None

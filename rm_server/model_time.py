@@ -5,7 +5,7 @@ result nobody can receive is not computed. Refusing is safe only on evidence: a 
 never runs, so it never corrects the estimate that refused it, and an estimate that is too high
 refuses every batch from then on. A per-token rate learnt from one 2-token batch and applied
 to a full batch does exactly that, because model time is a fixed cost per call plus a cost per
-token (NOTES.md), not a cost per token alone.
+token, not a cost per token alone (on a small model the fixed cost dominates small batches).
 
 So this is a lower bound, not a guess. The time of a batch of ``n`` rows padded to length
 ``L`` is, for the transformers we serve, ``t(n, L) = a + n * (b * L + c * L**2)`` with

@@ -24,14 +24,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import reward_pb2 as pb
+from protos.service_name import SERVICE_NAME
 from rm_server import __version__
 from rm_server.batcher import Batcher
 from rm_server.checkpoint import ModelLoadError, check_checkpoint
 from rm_server.config import ServeConfig, batch_policy, check_config
 from rm_server.interceptor import StatusInterceptor
 from rm_server.metrics import Metrics, serve_metrics
-from rm_server.ports import add_grpc_port, check_port_free, check_ports, listed_ports
-from rm_server.service import SERVICE_NAME, RewardServicer, model_info
+from rm_server.ports import add_grpc_port, check_port_free, listed_ports
+from rm_server.service import RewardServicer, model_info
 
 log = logging.getLogger("rm_server")
 

@@ -19,6 +19,10 @@ def test_stubs_are_fresh(tmp_path):
             f"{committed} is stale: run `make protos`")
 
 
+def fields(message: str) -> dict[str, int]:
+    return {f.name: f.number for f in pb.DESCRIPTOR.message_types_by_name[message].fields}
+
+
 def test_contract_names():
     svc = pb.DESCRIPTOR.services_by_name["RewardService"]
     assert svc.full_name == "rlhf.reward.v1.RewardService"
@@ -27,7 +31,6 @@ def test_contract_names():
     assert set(methods) >= {"Score", "ScoreStream", "GetModelInfo"}
     assert methods["ScoreStream"].client_streaming and methods["ScoreStream"].server_streaming
     assert not methods["Score"].client_streaming
-    fields = lambda name: {f.name: f.number for f in pb.DESCRIPTOR.message_types_by_name[name].fields}  # noqa: E731
     assert fields("ScoreRequest") == {"samples": 1}
     assert fields("Sample") == {"id": 1, "text": 2, "conversation": 3, "tokens": 4}
     assert fields("TextPair") == {"prompt": 1, "response": 2}

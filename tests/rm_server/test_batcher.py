@@ -1,57 +1,42 @@
-"""The batching policy and the batcher, without sockets: a fake model records every batch."""
+"""The batcher without sockets (rm_server/batcher.py: the queue, one model thread, deadlines,
+fairness through the batch policy): a fake model records every batch. The policy alone:
+test_batch_policy.py."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 
 import pytest
 
-from rm_server.batcher import Batcher, BatchPolicy, Pending
+from rm_server.batch_policy import BatchPolicy, Pending
+from rm_server.batcher import Batcher
 from rm_server.errors import DeadlineExceeded, Overloaded
 from rm_server.metrics import Metrics
-from rm_server.model_time import ModelTimeEstimate
-from rm_server.service import UnarySink
+from rm_server.sinks import UnarySink
+from tests.rm_server.test_batch_policy import Sink, flood, item
 
 
-class Sink:
-    def __init__(self):
-        self.cancelled = False
-        self.results, self.errors = [], []
+class FakeModel:
+    """Reward = sum of ids / 1000; records batches; optionally slow or failing."""
 
-    def deliver(self, results):
-        self.results.extend(results)
+    def __init__(self, delay=0.0, fail_on=None):
+        self.batches, self.delay, self.fail_on = [], delay, fail_on
+        self.threads = set()
 
-    def fail(self, exc, items):
-        self.errors.append((exc, [p.sample_id for p in items]))
-
-
-def item(i, length, t=0.0, sink=None, deadline=None):
-    return Pending(f"s{i}", [7] * length, sink or Sink(), t, deadline)
-
-
-# -- policy (pure) -------------------------------------------------------------------------
-def test_closes_on_size_tokens_or_wait():
-    p = BatchPolicy(max_batch_size=4, max_batch_tokens=100, max_wait=0.01)
-    assert not p.ready([], 0, 0)
-    assert not p.ready([item(0, 5)], now=0.005, batches_in_flight=0)  # young, not full
-    assert p.ready([item(0, 5)], now=0.02, batches_in_flight=0)  # oldest waited max_wait
-    assert p.ready([item(i, 5) for i in range(4)], now=0, batches_in_flight=0)  # size
-    assert p.ready([item(0, 60), item(1, 50)], now=0, batches_in_flight=0)  # 2 x 60 >= 100
-    # While the model runs a batch, only a full one is formed; a partial waits.
-    assert not p.ready([item(0, 5)], now=1.0, batches_in_flight=1)
-    assert p.ready([item(i, 5) for i in range(4)], now=0, batches_in_flight=1)
-    assert not p.ready([item(i, 5) for i in range(4)], now=0, batches_in_flight=2)
+    def __call__(self, seqs):
+        self.threads.add(threading.current_thread().name)
+        self.batches.append([len(s) for s in seqs])
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_on is not None and any(len(s) == self.fail_on for s in seqs):
+            raise RuntimeError("model fault")
+        return [sum(s) / 1000 for s in seqs]
 
 
-def test_no_wait_when_calls_arrive_further_apart_than_max_wait():
-    p = BatchPolicy(max_batch_size=4, max_batch_tokens=100, max_wait=0.01)
-    young = [item(0, 5)]
-    assert not p.ready(young, now=0.001, batches_in_flight=0, mean_gap=0.005)  # company likely
-    assert p.ready(young, now=0.001, batches_in_flight=0, mean_gap=0.05)  # none expected: go
-    assert not p.ready(young, now=0.001, batches_in_flight=1, mean_gap=0.05)  # model busy
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_lone_calls_skip_the_wait_and_bursts_still_batch():
@@ -83,62 +68,6 @@ def test_lone_calls_skip_the_wait_and_bursts_still_batch():
     assert max(waits[3:]) < 0.03  # the gaps are known to exceed max_wait: no waiting
     burst = [bt for bt in batches if bt[0] == 2]
     assert sum(map(len, burst)) == 64 and len(burst) <= 24  # batched, not one by one
-
-
-def test_select_respects_budgets_and_groups_by_length():
-    p = BatchPolicy(max_batch_size=3, max_batch_tokens=10_000, max_wait=0)
-    pending = [item(0, 50, t=0)] + [item(i, n, t=i) for i, n in
-                                    enumerate([3, 49, 100, 51, 4, 48], start=1)]
-    batch = p.select(pending)
-    assert pending[0] in batch  # the oldest is always taken
-    assert max(b.length for b in batch) - min(b.length for b in batch) <= 2  # nearest lengths
-    tight = BatchPolicy(max_batch_size=64, max_batch_tokens=120, max_wait=0)
-    batch = tight.select([item(i, n, t=i) for i, n in enumerate([40, 10, 41, 42, 90])])
-    assert max(b.length for b in batch) * len(batch) <= 120
-    assert batch[0].length >= 40 or len(batch) >= 2
-
-
-def test_select_over_budget_sample_runs_alone():
-    p = BatchPolicy(max_batch_size=8, max_batch_tokens=64, max_wait=0)
-    batch = p.select([item(0, 500, t=0), item(1, 5, t=1)])
-    assert [b.sample_id for b in batch] == ["s0"]
-
-
-def test_padding_is_lower_than_fifo():
-    """Length grouping vs FIFO on a bimodal mix: far less padding."""
-    lengths = [8, 120] * 32
-    p = BatchPolicy(max_batch_size=8, max_batch_tokens=10**6, max_wait=0)
-    pending = [item(i, n, t=i) for i, n in enumerate(lengths)]
-    padded = real = 0
-    while pending:
-        b = p.select(pending)
-        pending = [x for x in pending if x not in b]
-        padded += max(x.length for x in b) * len(b)
-        real += sum(x.length for x in b)
-    fifo = sum(max(lengths[i:i + 8]) * 8 for i in range(0, 64, 8))
-    assert 1 - real / padded < 0.05 < 1 - real / fifo
-
-
-# -- batcher (asyncio + one model thread) --------------------------------------------------
-class FakeModel:
-    """Reward = sum of ids / 1000; records batches; optionally slow or failing."""
-
-    def __init__(self, delay=0.0, fail_on=None):
-        self.batches, self.delay, self.fail_on = [], delay, fail_on
-        self.threads = set()
-
-    def __call__(self, seqs):
-        self.threads.add(threading.current_thread().name)
-        self.batches.append([len(s) for s in seqs])
-        if self.delay:
-            time.sleep(self.delay)
-        if self.fail_on is not None and any(len(s) == self.fail_on for s in seqs):
-            raise RuntimeError("model fault")
-        return [sum(s) / 1000 for s in seqs]
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_every_sample_answered_once_with_its_score():
@@ -316,18 +245,6 @@ def test_next_batch_starts_before_the_finished_calls_resume():
 
 
 # -- fairness --------------------------------------------------------------------------------
-def test_fair_share_of_batch_slots():
-    """A client with 10x more queued work gets no more than its share while another waits."""
-    p = BatchPolicy(max_batch_size=8, max_batch_tokens=10**6, max_wait=0)
-    heavy = [Pending(f"a{i}", [1] * 10, Sink(), i, client="A") for i in range(40)]
-    light = [Pending(f"b{i}", [1] * 10, Sink(), 100 + i, client="B") for i in range(4)]
-    batch = p.select(heavy + light)
-    assert sum(x.client == "B" for x in batch) == 4 and len(batch) == 8
-    # Work-conserving: when B has only one sample, A fills the rest of the batch.
-    batch = p.select(heavy + light[:1])
-    assert len(batch) == 8 and sum(x.client == "B" for x in batch) == 1
-
-
 def test_flooding_client_does_not_starve_another():
     async def main():
         model = FakeModel(delay=0.005)
@@ -349,39 +266,6 @@ def test_flooding_client_does_not_starve_another():
     a_done = run(main())
     # B's 40 samples finished while A had done only about as many, not all 400 first.
     assert a_done <= 120
-
-
-def flood(heavy_requests=200, per_request=2, light=32):
-    """A heavy peer putting a fresh x-client-id on every request, then a light peer's call."""
-    heavy = [Pending(f"h{r}-{i}", [1] * 10, Sink(), r + i / 10, client=f"fresh-{r}",
-                     peer="ipv4:10.0.0.1") for r in range(heavy_requests)
-             for i in range(per_request)]
-    calm = [Pending(f"l{i}", [2] * 10, Sink(), 10_000 + i, client="trainer",
-                    peer="ipv4:10.0.0.2") for i in range(light)]
-    return heavy, calm
-
-
-def test_fresh_client_ids_do_not_multiply_a_peers_share():
-    """Keyed on x-client-id alone, 200 invented ids took 200 of 201 shares and the light
-    client none of this batch. A peer holds at most max_ids_per_peer ids (the rest share one
-    key): 10 keys here, and the light client gets its max-min share."""
-    p = BatchPolicy(max_batch_size=32, max_batch_tokens=10**6, max_wait=0, max_ids_per_peer=8)
-    heavy, calm = flood()
-    keys = p.fair_keys(heavy + calm)
-    assert len(set(keys.values())) == 8 + 1 + 1
-    batch = p.select(heavy + calm)  # anchored on the heavy peer's oldest sample
-    light = sum(x.client == "trainer" for x in batch)
-    # the 8 ids held take their 2 samples each; the folded ids and the light client split 16
-    assert len(batch) == 32 and light == 8
-
-
-def test_quotas_are_max_min_fair_and_sum_to_the_batch():
-    p = BatchPolicy(max_batch_size=32)
-    q = p.quotas({"a": 2, "b": 100, "c": 3, "d": 100}, first="d")
-    assert q == {"a": 2, "c": 3, "d": 14, "b": 13}  # the odd slot goes to the anchor's key
-    q = p.quotas({k: 5 for k in range(40)}, first=7)  # more keys than slots
-    assert sum(q.values()) == 32 and q[7] == 1
-    assert p.quotas({"a": 1}, first="a") == {"a": 1}
 
 
 def test_flood_of_fresh_client_ids_does_not_starve_another_peer():
@@ -482,39 +366,6 @@ def test_short_requests_do_not_make_full_batches_look_too_slow():
     assert batches == [[2]] * 3 + [[60] * 16] * 4
 
 
-def test_model_time_bound_needs_a_quorum_and_expires():
-    est = ModelTimeEstimate(window=8, quorum=3, max_age=10.0)
-    est.observe(1, 2, 0.05, now=0.0)
-    assert est.lower_bound(16, 60, now=0.0) == 0.0  # one batch is no evidence: run
-    est.observe(1, 2, 0.05, now=0.0)
-    est.observe(1, 2, 0.05, now=0.0)
-    # three short batches prove their own time for a bigger batch, not 480 times it
-    assert est.lower_bound(16, 60, now=1.0) == pytest.approx(0.05)
-    for _ in range(3):
-        est.observe(16, 60, 0.2, now=5.0)
-    assert est.lower_bound(16, 60, now=5.0) == pytest.approx(0.2)
-    assert est.lower_bound(4, 60, now=5.0) == pytest.approx(0.05)  # a quarter of the rows
-    assert est.lower_bound(16, 30, now=5.0) == pytest.approx(0.05)  # half the length, squared
-    est.observe(16, 60, 30.0, now=5.0)  # one stall alone refuses nothing more
-    assert est.lower_bound(16, 60, now=5.0) == pytest.approx(0.2)
-    assert est.lower_bound(16, 60, now=16.0) == 0.0  # a slow spell is forgotten
-
-
-def test_model_time_bound_never_exceeds_the_time_of_a_real_shape():
-    """For any model whose time is a + n * (b * L + c * L**2) (fixed cost, per token,
-    attention), the estimate stays below the true time of any batch shape."""
-    rng = random.Random(0)
-    for _ in range(200):
-        a, b, c = rng.uniform(0, 0.1), rng.uniform(0, 1e-4), rng.uniform(0, 1e-6)
-        t = lambda n, L: a + n * (b * L + c * L * L)  # noqa: E731
-        est = ModelTimeEstimate()
-        for _ in range(rng.randrange(3, 40)):
-            n, L = rng.randrange(1, 64), rng.randrange(1, 2048)
-            est.observe(n, L, t(n, L), now=0.0)
-        n, L = rng.randrange(1, 64), rng.randrange(1, 2048)
-        assert est.lower_bound(n, L, now=0.0) <= t(n, L) * (1 + 1e-9)
-
-
 def test_a_failed_unary_call_drops_its_other_samples():
     """Once a unary call has failed (here its first batch hit a model fault), its other
     samples are answered to nobody: they are dropped before the model; other calls go on."""
@@ -552,24 +403,3 @@ def test_streams_fill_only_half_the_queue_leaving_room_for_unary_calls():
         return len(b.pending)
 
     assert run(main()) == 20
-
-
-# -- server configuration --------------------------------------------------------------------
-def test_batch_defaults_follow_the_device_and_flags_win():
-    from rm_server.config import ServeConfig, batch_policy
-    cfg = ServeConfig(model="m")
-    assert (batch_policy(cfg, "cpu").max_batch_size, batch_policy(cfg, "cpu").max_batch_tokens) \
-        == (16, 1024)
-    assert (batch_policy(cfg, "cuda").max_batch_size,
-            batch_policy(cfg, "cuda").max_batch_tokens) == (32, 8192)
-    mine = batch_policy(ServeConfig(model="m", max_batch_size=64, max_batch_tokens=4096), "cpu")
-    assert (mine.max_batch_size, mine.max_batch_tokens) == (64, 4096)
-
-
-@pytest.mark.parametrize("flag", ["--max-batch-size=0", "--max-batch-tokens=-5",
-                                  "--max-queue=0", "--max-wait-ms=-1"])
-def test_nonsensical_batch_flags_are_one_line_errors(flag, capsys, tmp_path):
-    from rm_server import cli
-    assert cli.main(["serve", "--model", str(tmp_path), flag]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and flag.split("=")[0] in err[0], err

@@ -10,8 +10,9 @@ from torch._dynamo.utils import counters
 
 from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc as pb_grpc
+from rm_server.checkpoint import ModelLoadError
 from rm_server.launch import start_server
-from rm_server.model import ModelLoadError, RewardModel
+from rm_server.model import RewardModel
 from tests.rm_server.test_model import assert_close, hf_alone, random_batch
 
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from protos.encoding import ChatInput, Encoder, InputError, TextInput, TokenInput
-from rm_server.model import ModelLoadError, RewardModel, last_token_index
+from protos.encoding import ChatInput, InputError, TextInput, TokenInput
+from rm_server.checkpoint import ModelLoadError
+from rm_server.last_token import last_token_index
+from rm_server.model import RewardModel
 from tests import tiny
 
 DECODERS = ["gpt2", "llama", "qwen2", "mistral", "gpt_neox"]
@@ -35,7 +37,7 @@ def hf_alone(path, seqs, dtype=torch.float32) -> list[float]:
 def assert_close(got, want, tol):
     diff = max(abs(a - b) for a, b in zip(got, want))
     assert diff <= tol, f"max |ours - HF| = {diff}"
-    assert max(want) - min(want) > 0.1, "scores must differ across inputs for parity to mean anything"
+    assert max(want) - min(want) > 0.1, "scores must differ across inputs for parity to matter"
 
 
 @pytest.mark.parametrize("arch", DECODERS + ["bert"])
@@ -178,27 +180,7 @@ def test_load_errors_are_clear(tmp_path, tokenizer):
         RewardModel(path)
 
 
-def test_encoder_is_shared_with_training():
-    """Training imports the same Encoder: one tokenization for both (see policy_trainer/rm_train.py)."""
-    tok = tiny.train_tokenizer()
-    enc = Encoder(tok, 64, len(tok))
-    ids, plen = enc.encode_text("a movie", " it was great")
-    assert ids[:plen] == tok("a movie")["input_ids"]
-    assert ids[plen:] == tok(" it was great", add_special_tokens=False)["input_ids"]
-
-
-# -- prefix-shared scoring -------------------------------------------------------------------
-def test_prefix_groups_split():
-    from rm_server.model import prefix_groups
-    p = list(range(10, 40))  # 30 shared tokens
-    seqs = [p + [50, 51], p + [52], p[:20] + [99] * 12, [1, 2, 3], p + [53, 54, 55]]
-    groups, rest = prefix_groups(seqs, pad_token_id=3, min_prefix=16)
-    assert groups == [(20, [0, 1, 2, 4])] and rest == [3]
-    # the shared part stops before any member's scored token (trailing pads are not scored)
-    groups, _ = prefix_groups([p + [3, 3], p + [60]], pad_token_id=3, min_prefix=16)
-    assert groups == [(29, [0, 1])]
-
-
+# -- prefix-shared scoring (the grouping itself: test_last_token.py) ---------------------------
 @pytest.mark.parametrize("arch", DECODERS)
 def test_prefix_shared_scores_equal_unshared(arch, rm_dirs, tokenizer):
     rm = RewardModel(rm_dirs[arch])

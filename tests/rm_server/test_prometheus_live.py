@@ -33,8 +33,8 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from tests.deploy import promql as deploy  # noqa: E402  (expression and metric helpers)
 from rm_server.launch import start_server, wait_serving  # noqa: E402
+from tests.deploy import promql as deploy  # noqa: E402  (expression and metric helpers)
 
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 pytestmark = pytest.mark.skipif(

@@ -25,6 +25,7 @@ from transformers import AutoModelForSequenceClassification
 
 from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc as pb_grpc
+from protos.service_name import METHOD_PREFIX
 from rm_client import AsyncRewardClient, ScoringError, token_sample
 from rm_server.launch import health_status, start_server
 
@@ -273,8 +274,10 @@ def test_sigstop_is_detected_by_keepalive(model_dir, corpus):
 
         detected_after, code = asyncio.run(main())
         assert code == grpc.StatusCode.UNAVAILABLE
-        assert detected_after < 10  # keepalive 1 s + timeout 1 s (+ scheduling), not the 120 s deadline
-        print(f"\nFIGURE sigstop: a stopped server detected by keepalive after {detected_after:.1f}s")
+        # keepalive 1 s + timeout 1 s (+ scheduling), not the 120 s deadline
+        assert detected_after < 10
+        print("\nFIGURE sigstop: a stopped server detected by keepalive after "
+              f"{detected_after:.1f}s")
     finally:
         victim.proc.send_signal(signal.SIGCONT)
         assert victim.stop() == 0
@@ -340,7 +343,8 @@ def test_fuzzing_gets_only_documented_codes_and_disturbs_nobody(server, corpus):
             i = 0
             while not stop.is_set():
                 k = i % N_UNIQUE
-                r = stub.Score(pb.ScoreRequest(samples=[token_sample(f"b{i}", seqs[k])]), timeout=30)
+                request = pb.ScoreRequest(samples=[token_sample(f"b{i}", seqs[k])])
+                r = stub.Score(request, timeout=30)
                 bystander["ok" if abs(r.results[0].reward - scores[k]) < 1e-4 else "bad"] += 1
                 i += 1
 
@@ -348,7 +352,7 @@ def test_fuzzing_gets_only_documented_codes_and_disturbs_nobody(server, corpus):
     t.start()
     ch = grpc.insecure_channel(server.address)
     stub = pb_grpc.RewardServiceStub(ch)
-    raw = ch.unary_unary("/rlhf.reward.v1.RewardService/Score")
+    raw = ch.unary_unary(METHOD_PREFIX + "Score")
 
     def code_of(fn):
         try:
@@ -406,7 +410,8 @@ def test_memory_soak_20000_samples_with_error_paths(server, corpus):
 
             async def good(i):
                 await stub.Score(pb.ScoreRequest(samples=[
-                    token_sample(f"{i}-{j}", seqs[(i + j) % N_UNIQUE]) for j in range(50)]), timeout=60)
+                    token_sample(f"{i}-{j}", seqs[(i + j) % N_UNIQUE]) for j in range(50)]),
+                    timeout=60)
 
             async def bad(i):
                 for req in (pb.ScoreRequest(), pb.ScoreRequest(samples=[pb.Sample(id=f"x{i}")])):

@@ -8,8 +8,8 @@ import time
 import urllib.request
 
 from rm_client import RewardClient, text_sample
-from tests import tiny
 from rm_server.launch import start_server, wait_serving
+from tests import tiny
 from tests.policy_trainer.test_ppo_e2e import finish, ppo_args, steps, trainer
 
 

@@ -84,7 +84,8 @@ def test_mtls_requires_a_client_cert_from_the_trusted_ca(rm_dirs, pki):
         good = TLSConfig(ca, str(pki / "client1.pem"), str(pki / "client1.key"))
         with RewardClient(s.address, tls=good) as rm:
             assert rm.score(sample())[0].id == "s"
-        for tls in (TLSConfig(ca), TLSConfig(ca, str(pki / "client2.pem"), str(pki / "client2.key"))):
+        other_client = TLSConfig(ca, str(pki / "client2.pem"), str(pki / "client2.key"))
+        for tls in (TLSConfig(ca), other_client):
             with RewardClient(s.address, tls=tls, max_attempts=1, timeout=5) as rm:
                 with pytest.raises(ScoringError):
                     rm.score(sample())

@@ -30,11 +30,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc as pb_grpc
 from rm_client import token_sample
+from rm_server.config import ServeConfig, check_config
 from rm_server.launch import start_server
 from rm_server.model import LAST_TOKEN_FAMILIES, RewardModel
-from rm_server.config import ServeConfig, check_config
-from rm_server.server import server_options
 from rm_server.ports import add_grpc_port
+from rm_server.server import server_options
 from tests import tiny
 
 # Decoder families outside LAST_TOKEN_FAMILIES whose HF classifier refuses batches > 1 with no

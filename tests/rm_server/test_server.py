@@ -20,9 +20,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc as pb_grpc
-from rm_client import (AsyncRewardClient, RewardClient, ScoringError, chat_sample,
-                              text_sample, token_sample)
 from protos.encoding import Encoder, TextInput, tokenizer_fingerprint
+from protos.service_name import METHOD_PREFIX, SERVICE_NAME
+from rm_client import (
+    AsyncRewardClient,
+    RewardClient,
+    ScoringError,
+    chat_sample,
+    text_sample,
+    token_sample,
+)
 from rm_server.launch import health_status, start_server
 
 
@@ -64,7 +71,8 @@ def stub(server):
 
 
 def scrape(server) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read()
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read()
     out = {}
     for fam in text_string_to_metric_families(text.decode()):
         for s in fam.samples:
@@ -81,7 +89,7 @@ def words(rng, n):
 
 def test_health_and_reflection(server):
     assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
-    assert health_status(server.address, "rlhf.reward.v1.RewardService") == \
+    assert health_status(server.address, SERVICE_NAME) == \
         health_pb2.HealthCheckResponse.SERVING
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
     with grpc.insecure_channel(server.address) as ch:
@@ -89,7 +97,7 @@ def test_health_and_reflection(server):
         req = reflection_pb2.ServerReflectionRequest(list_services="")
         resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=5)))
     names = {s.name for s in resp.list_services_response.service}
-    assert "rlhf.reward.v1.RewardService" in names
+    assert SERVICE_NAME in names
 
 
 def test_model_info(stub, reference):
@@ -103,9 +111,11 @@ def test_model_info(stub, reference):
 
 def test_each_input_form_scores_like_hf(stub, reference):
     tok = reference.tokenizer
-    chat = [{"role": "user", "content": "rate this"}, {"role": "assistant", "content": "great plot"}]
+    chat = [{"role": "user", "content": "rate this"},
+            {"role": "assistant", "content": "great plot"}]
     chat_ids = list(tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
-    ids = tok("the movie")["input_ids"] + tok(" was wonderful", add_special_tokens=False)["input_ids"]
+    ids = (tok("the movie")["input_ids"]
+           + tok(" was wonderful", add_special_tokens=False)["input_ids"])
     req = pb.ScoreRequest(samples=[
         text_sample("t", "the movie", " was wonderful"), chat_sample("c", chat),
         token_sample("k", ids, 3)])
@@ -174,8 +184,10 @@ def test_concurrent_stream_clients_every_id_once_with_its_score(server, referenc
     (pb.Sample(id="empty", tokens=pb.TokenIds(ids=[])), "'empty': tokens.ids"),
     (pb.Sample(id="big", tokens=pb.TokenIds(ids=[5, 10**6])), "'big': tokens.ids"),
     (pb.Sample(id="neg", tokens=pb.TokenIds(ids=[5, -3])), "'neg': tokens.ids"),
-    (pb.Sample(id="plen", tokens=pb.TokenIds(ids=[5], prompt_length=9)), "'plen': tokens.prompt_length"),
-    (pb.Sample(id="role", conversation=pb.Conversation(messages=[pb.ChatMessage(role="wizard", content="x")])),
+    (pb.Sample(id="plen", tokens=pb.TokenIds(ids=[5], prompt_length=9)),
+     "'plen': tokens.prompt_length"),
+    (pb.Sample(id="role", conversation=pb.Conversation(
+        messages=[pb.ChatMessage(role="wizard", content="x")])),
      "'role': conversation.messages[0].role"),
     (pb.Sample(id="nomsg", conversation=pb.Conversation()), "'nomsg': conversation.messages"),
     (pb.Sample(id="", text=pb.TextPair(prompt="a", response="b")), "samples.id"),
@@ -195,13 +207,14 @@ def test_request_level_errors(server, stub):
     dup = pb.ScoreRequest(samples=[text_sample("d", "a", "b"), text_sample("d", "c", "d")])
     with pytest.raises(grpc.RpcError) as exc:
         stub.Score(dup, timeout=5)
-    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'d': id: duplicate" in exc.value.details()
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'d': id: duplicate" in exc.value.details()
     many = pb.ScoreRequest(samples=[text_sample(str(i), "a", "b") for i in range(1025)])
     with pytest.raises(grpc.RpcError) as exc:
         stub.Score(many, timeout=5)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with grpc.insecure_channel(server.address) as ch:  # undecodable bytes: not UNKNOWN
-        raw = ch.unary_unary("/rlhf.reward.v1.RewardService/Score")
+        raw = ch.unary_unary(METHOD_PREFIX + "Score")
         with pytest.raises(grpc.RpcError) as exc:
             raw(b"\xff\xff\xff\xff", timeout=5)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -296,7 +309,8 @@ def test_sync_client_and_overload(model_dir):
                         await call
                         codes.append("OK")
                     except grpc.aio.AioRpcError as e:
-                        codes.append((e.code(), dict(e.trailing_metadata() or ()).get("retry-after-ms")))
+                        trailing = dict(e.trailing_metadata() or ())
+                        codes.append((e.code(), trailing.get("retry-after-ms")))
                 await asyncio.gather(*(one(r) for r in reqs))
 
         asyncio.run(raw())

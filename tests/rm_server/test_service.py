@@ -1,28 +1,30 @@
-"""The servicer in-process (no sockets): where tokenization runs, which error a request with
-several bad samples gets, the encoder's prompt cache, who a caller is for fair scheduling, and
-the order of a unary call's results."""
+"""The servicer in-process (no sockets): requests translated into admission's domain inputs and
+the caller read from the call's context, who a caller is for fair scheduling, and the order of a
+unary call's results. Admission itself: test_admission.py."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
 
 from protos import reward_pb2 as pb
-from rm_server.batcher import Batcher, BatchPolicy
 from protos.encoding import ChatInput, Encoder, TextInput
+from rm_server.batch_policy import BatchPolicy
+from rm_server.batcher import Batcher
 from rm_server.errors import InvalidArgument
-from rm_server.service import RewardServicer, StreamSink, caller_peer
+from rm_server.service import RewardServicer, caller_peer
+from rm_server.sinks import StreamSink
 
 
 class Context:
-    def __init__(self, client="t", peer="ipv4:127.0.0.1:50000", identities=None):
+    def __init__(self, client="t", peer="ipv4:127.0.0.1:50000", identities=None, remaining=None):
         self.client, self._peer, self.identities = client, peer, identities
+        self.remaining = remaining
 
     def time_remaining(self):
-        return None
+        return self.remaining
 
     def invocation_metadata(self):
         return (("x-client-id", self.client),)
@@ -34,22 +36,9 @@ class Context:
         return self.identities
 
 
-class RecordingEncoder(Encoder):
-    """The real encoder, noting the thread each text or conversation is tokenized on."""
-
-    def __init__(self, *a):
-        super().__init__(*a)
-        self.threads = []
-
-    def encode(self, item):
-        if not hasattr(item, "ids"):
-            self.threads.append(threading.current_thread().name)
-        return super().encode(item)
-
-
 class Model:
     def __init__(self, tokenizer):
-        self.encoder = RecordingEncoder(tokenizer, 64, len(tokenizer))
+        self.encoder = Encoder(tokenizer, 64, len(tokenizer))
 
 
 def text(sid, prompt, response):
@@ -60,23 +49,31 @@ def tokens(sid, ids):
     return pb.Sample(id=sid, tokens=pb.TokenIds(ids=ids))
 
 
-def prepare(tokenizer, *samples):
+def prepare(tokenizer, *samples, context=None):
     async def main():
         svc = RewardServicer(Batcher(lambda seqs: [0.0] * len(seqs), BatchPolicy()))
         svc.model = Model(tokenizer)
-        items = await svc.prepare(pb.ScoreRequest(samples=samples), StreamSink(), Context(), set())
-        return svc.model.encoder, items
+        try:
+            return svc.model.encoder, await svc.prepare(pb.ScoreRequest(samples=samples),
+                                                        StreamSink(), context or Context(), set())
+        finally:
+            svc.close()
     return asyncio.run(main())
 
 
-def test_text_is_tokenized_off_the_event_loop(tokenizer):
-    enc, items = prepare(tokenizer, tokens("a", [5, 6, 7]), text("b", "q", " good"),
-                         text("c", "q", " bad"))
-    assert enc.threads and all(t.startswith("rm-tokenize") for t in enc.threads)
+def test_each_input_form_is_translated_and_the_caller_read_from_the_call(tokenizer):
+    chat = pb.Sample(id="c", conversation=pb.Conversation(messages=[
+        pb.ChatMessage(role="user", content="q"), pb.ChatMessage(role="assistant", content="ok")]))
+    t0 = time.monotonic()
+    enc, items = prepare(tokenizer, tokens("a", [5, 6, 7]), text("b", "q", " good"), chat,
+                         context=Context("trainer-3", "ipv4:10.0.0.9:41000", remaining=30.0))
     assert [p.sample_id for p in items] == ["a", "b", "c"]  # request order kept
     assert items[0].ids == [5, 6, 7]
     assert items[1].ids == enc.encode(TextInput("q", " good")).ids
-    assert items[2].ids == enc.encode(TextInput("q", " bad")).ids
+    assert items[2].ids == enc.encode(ChatInput((("user", "q"), ("assistant", "ok")))).ids
+    assert {(p.client, p.peer) for p in items} == {("trainer-3", "ipv4:10.0.0.9")}
+    assert all(t0 + 30.0 <= p.deadline == p.enqueued + 30.0 <= time.monotonic() + 30.0
+               for p in items)
 
 
 @pytest.mark.parametrize("samples, first_bad", [
@@ -86,43 +83,12 @@ def test_text_is_tokenized_off_the_event_loop(tokenizer):
     ([tokens("k0", [10**9]), text("t1", "", "")], "'k0': tokens.ids"),
     # good text, then a duplicate id
     ([text("x", "q", " a"), text("x", "q", " b")], "'x': id: duplicate"),
+    # a sample with no input set is named with its field, in its turn
+    ([pb.Sample(id="n0"), text("t1", "", "")], "'n0': input: no input set"),
 ])
 def test_first_bad_sample_in_request_order_is_reported(tokenizer, samples, first_bad):
     with pytest.raises(InvalidArgument, match=first_bad):
         prepare(tokenizer, *samples)
-
-
-class CountingTokenizer:
-    """Delegates to a real tokenizer, counting tokenizer and chat-template calls."""
-
-    def __init__(self, tok):
-        self.tok, self.calls, self.templates = tok, 0, 0
-        self.chat_template = tok.chat_template
-
-    def __call__(self, *a, **kw):
-        self.calls += 1
-        return self.tok(*a, **kw)
-
-    def apply_chat_template(self, *a, **kw):
-        self.templates += 1
-        return self.tok.apply_chat_template(*a, **kw)
-
-
-def test_a_prompt_is_tokenized_once_for_its_k_responses(tokenizer):
-    counting = CountingTokenizer(tokenizer)
-    cached, plain = Encoder(counting, 64, len(tokenizer)), Encoder(tokenizer, 64, len(tokenizer))
-    responses = [" good", " bad", " fine", " awful"]
-    got = [cached.encode(TextInput("the movie was", r)) for r in responses]
-    assert counting.calls == 1 + len(responses)  # the prompt once, then each response
-    for g, r in zip(got, responses):
-        want = plain.encode(TextInput("the movie was", r))
-        assert (g.ids, g.prompt_length) == (want.ids, want.prompt_length)
-    history = (("system", "be brief"), ("user", "hi"))
-    chats = [cached.encode(ChatInput(history + (("assistant", r),))) for r in responses]
-    assert counting.templates == len(responses) + 1  # each full chat, the shared prompt once
-    for g, r in zip(chats, responses):
-        want = plain.encode(ChatInput(history + (("assistant", r),)))
-        assert (g.ids, g.prompt_length) == (want.ids, want.prompt_length) and g.prompt_length > 0
 
 
 def test_caller_peer_is_the_verified_identity_or_the_host_without_port():

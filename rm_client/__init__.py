@@ -4,15 +4,18 @@
     with RewardClient("127.0.0.1:50051") as rm:
         [result] = rm.score([text_sample("a", "Q: 2+2?", " 4")])
 
-``RewardClient`` / ``AsyncRewardClient``: deadlines, retries with backoff, round-robin over
-replicas, streams resumed with exactly the unanswered samples. ``RemoteRewardFunction``: the
-adapter TRL's trainers call as a reward function.
+One concept per module: ``client.py`` (``AsyncRewardClient``: deadlines, retries with backoff,
+round-robin over replicas, streams resumed with exactly the unanswered samples), ``sync.py``
+(``RewardClient``, the same without an event loop), ``targets.py`` (address checks),
+``samples.py`` (sample builders, ``ScoreResult``), ``reward_fn.py`` (``RemoteRewardFunction``:
+the adapter TRL's trainers call as a reward function).
 """
 
-from rm_client.client import (AddressError, AsyncRewardClient, RewardClient, ScoreResult,
-                              ScoringError, TLSConfig, chat_sample, parse_targets, text_sample,
-                              token_sample)
+from rm_client.client import AsyncRewardClient, ScoringError, TLSConfig
 from rm_client.reward_fn import AsyncRemoteRewardFunction, RemoteRewardFunction
+from rm_client.samples import ScoreResult, chat_sample, text_sample, token_sample
+from rm_client.sync import RewardClient
+from rm_client.targets import AddressError, parse_targets
 
 __all__ = ["AddressError", "AsyncRemoteRewardFunction", "AsyncRewardClient", "RemoteRewardFunction",
            "RewardClient", "ScoreResult", "ScoringError", "TLSConfig", "chat_sample",

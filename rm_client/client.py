@@ -1,11 +1,12 @@
-"""The client library for the reward service: asyncio and sync APIs.
+"""The asyncio client of the reward service: deadlines, retries with backoff, replicas, streams.
 
-    from rm_client import RewardClient, text_sample
-    with RewardClient(["10.0.0.5:50051", "10.0.0.6:50051"], token="...") as rm:
-        scores = rm.score([text_sample("a", "Q: 2+2?", " 4")])           # unary
-        for r in rm.score_stream(many_samples, chunk_size=64): ...       # as batches finish
+    from rm_client import AsyncRewardClient, text_sample
+    async with AsyncRewardClient(["10.0.0.5:50051", "10.0.0.6:50051"], token="...") as rm:
+        scores = await rm.score([text_sample("a", "Q: 2+2?", " 4")])     # unary
+        async for r in rm.score_stream(many_samples, chunk_size=64): ... # as batches finish
 
-Guarantees the trainer relies on:
+The same without an event loop: :class:`rm_client.sync.RewardClient`. Guarantees the trainer
+relies on:
 - a malformed address fails at construction (:func:`parse_targets`), not as a silent retry loop;
 - every attempt has a deadline (``timeout``, default 60 s; streams ``stream_timeout``), and
   ``total_timeout`` bounds a whole call, every attempt and backoff included (a hung server,
@@ -25,35 +26,26 @@ Guarantees the trainer relies on:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import json
 import logging
 import math
 import random
-import re
-import threading
 import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterable, Iterator, Sequence
 
 import grpc
 
 from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc as pb_grpc
+from rm_client.samples import ScoreResult
+from rm_client.targets import parse_targets
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    id: str
-    reward: float
-    num_tokens: int
-    truncated: bool
 
 
 @dataclass(frozen=True)
@@ -74,92 +66,6 @@ class ScoringError(Exception):
         super().__init__(message)
         self.code = code
         self.sample_ids = list(sample_ids)
-
-
-def text_sample(sample_id: str, prompt: str, response: str) -> pb.Sample:
-    return pb.Sample(id=sample_id, text=pb.TextPair(prompt=prompt, response=response))
-
-
-def chat_sample(sample_id: str, messages: Sequence[dict | tuple[str, str]]) -> pb.Sample:
-    msgs = [pb.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, dict)
-            else pb.ChatMessage(role=m[0], content=m[1]) for m in messages]
-    return pb.Sample(id=sample_id, conversation=pb.Conversation(messages=msgs))
-
-
-def token_sample(sample_id: str, ids: Sequence[int], prompt_length: int = 0) -> pb.Sample:
-    return pb.Sample(id=sample_id, tokens=pb.TokenIds(ids=list(ids), prompt_length=prompt_length))
-
-
-class AddressError(ValueError):
-    """A reward-service address that cannot be right, refused before any connection."""
-
-
-_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")  # a DNS name or IPv4 address
-
-
-def parse_targets(targets: str | Sequence[str]) -> list[str]:
-    """Check reward-service addresses (a list, or one comma-separated string); return them.
-
-    Accepted: ``HOST:PORT``, ``[IPV6]:PORT`` and gRPC's own target forms ``dns:[//AUTH/]HOST:PORT``,
-    ``ipv4:ADDR:PORT``, ``ipv6:[ADDR]:PORT``, ``unix:PATH``, ``unix-abstract:NAME``. Refused with
-    :class:`AddressError`: a URL scheme (``http://h:1``: gRPC would look up a host named
-    "http"), a missing port (gRPC dials 443 then: ``localhost`` quietly meant localhost:443),
-    a port that is not a number in 1..65535, a bare IPv6 address (ambiguous without brackets).
-    """
-    if isinstance(targets, str):
-        targets = targets.split(",")
-    out = [_check_target(t.strip()) for t in targets if t.strip()]
-    if not out:
-        raise AddressError("no reward-model address given (expected HOST:PORT)")
-    return out
-
-
-def _check_target(address: str) -> str:
-    if address.startswith(("unix:", "unix-abstract:")):
-        if not address.partition(":")[2].strip("/"):
-            raise AddressError(f"reward-model address {address!r}: no socket path")
-        return address
-    rest = address
-    for scheme in ("dns:", "ipv4:", "ipv6:"):
-        if address.startswith(scheme):
-            rest = address[len(scheme):]
-            if scheme == "dns:" and rest.startswith("//"):
-                rest = rest[2:].partition("/")[2]  # dns://[AUTHORITY]/HOST:PORT
-            break
-    else:
-        if "://" in address:
-            scheme, _, after = address.partition("://")
-            hint = after.rstrip("/") or "host"
-            raise AddressError(f"reward-model address {address!r}: gRPC takes no {scheme}:// "
-                               f"scheme; write HOST:PORT, e.g. "
-                               f"{hint if ':' in hint else hint + ':50051'}")
-    _check_host_port(rest, address)
-    return address
-
-
-def _check_host_port(hp: str, address: str) -> None:
-    def bad(why: str) -> AddressError:
-        return AddressError(f"reward-model address {address!r}: {why}")
-
-    if hp.startswith("["):
-        host, _, after = hp[1:].partition("]")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise bad(f"{host!r} is not an IPv6 address") from None
-        if not after:
-            raise bad(f"no port (gRPC would dial 443): write [{host}]:PORT")
-        port = after[1:] if after.startswith(":") else after
-    else:
-        host, sep, port = hp.rpartition(":")
-        if not sep:
-            raise bad(f"no port (gRPC would dial 443): write HOST:PORT, e.g. {hp}:50051")
-        if ":" in host:
-            raise bad("an IPv6 address goes in brackets: [ADDR]:PORT")
-        if not _HOST.fullmatch(host):
-            raise bad(f"{host!r} is not a host name or address")
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise bad(f"port {port!r} is not a number in 1..65535")
 
 
 def is_retryable(err: grpc.RpcError) -> bool:
@@ -188,7 +94,8 @@ def channel_options() -> list[tuple[str, object]]:
         # Agreed with the server (rm_server/server.py): it allows pings every 10 s.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.ping_timeout_ms", 10_000),  # gRPC core waits for a ping ack this long (default 60 s)
+        # gRPC core waits this long for a ping's ack (default 60 s)
+        ("grpc.http2.ping_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
@@ -295,7 +202,7 @@ class AsyncRewardClient:
             e.sample_ids = [s.id for s in samples]
             raise
         by_id = {r.id: r for r in response.results}
-        return [_result(by_id[s.id]) for s in samples]
+        return [ScoreResult.from_message(by_id[s.id]) for s in samples]
 
     async def score_stream(self, samples: Iterable[pb.Sample], chunk_size: int = 64,
                            timeout: float | None = None) -> AsyncIterator[ScoreResult]:
@@ -304,36 +211,20 @@ class AsyncRewardClient:
         On a transient failure the unanswered samples are resubmitted on a new stream (the
         next address), so each id is yielded exactly once.
         """
-        source = iter(samples)
-        unanswered: dict[str, pb.Sample] = {}
-        exhausted = False
+        outbox = _Outbox(samples, chunk_size)
         deadline = self._deadline()
         for attempt in range(self.max_attempts):
-            resend = list(unanswered.values())
-
-            async def requests():
-                nonlocal exhausted
-                for i in range(0, len(resend), chunk_size):
-                    yield pb.ScoreRequest(samples=resend[i: i + chunk_size])
-                while not exhausted:
-                    chunk = list(itertools.islice(source, chunk_size))
-                    if not chunk:
-                        exhausted = True
-                        return
-                    for s in chunk:
-                        unanswered[s.id] = s
-                    yield pb.ScoreRequest(samples=chunk)
-
             per_try = min(timeout or self.stream_timeout,
                           max(deadline - time.monotonic(), 0.001))
-            call = self._stub().ScoreStream(requests(), timeout=per_try, metadata=self.metadata)
+            call = self._stub().ScoreStream(outbox.requests(), timeout=per_try,
+                                            metadata=self.metadata)
             try:
                 async for response in call:
                     self._waiting_round = 0
                     for r in response.results:
-                        if unanswered.pop(r.id, None) is not None:
-                            yield _result(r)
-                if exhausted and not unanswered:
+                        if outbox.unanswered.pop(r.id, None) is not None:
+                            yield ScoreResult.from_message(r)
+                if outbox.exhausted and not outbox.unanswered:
                     return
                 err = None  # the server closed early: resubmit what is left
             except grpc.aio.AioRpcError as e:
@@ -342,7 +233,7 @@ class AsyncRewardClient:
                 call.cancel()
             if self._gives_up(err, attempt, deadline):
                 raise self._failure("ScoreStream", err, attempt, deadline,
-                                    list(unanswered)) from err
+                                    list(outbox.unanswered)) from err
             await self._backoff(attempt, err, deadline)
         raise AssertionError("unreachable: the last attempt raises")
 
@@ -365,74 +256,31 @@ class AsyncRewardClient:
         await self.close()
 
 
-class RewardClient:
-    """Synchronous facade: the async client runs on a private event-loop thread."""
+class _Outbox:
+    """A stream's samples across attempts: those sent and not answered yet (resent first on
+    the next stream), then those not sent yet, drawn from the caller's iterable in chunks."""
 
-    def __init__(self, targets: str | Sequence[str], **kwargs):
-        targets = parse_targets(targets)  # a bad address fails here, before a thread starts
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="rm-client",
-                                        daemon=True)
-        self._thread.start()
-        self._client: AsyncRewardClient = self._call(_make_async(targets, kwargs))
+    def __init__(self, samples: Iterable[pb.Sample], chunk_size: int):
+        self.source = iter(samples)
+        self.chunk_size = chunk_size
+        self.unanswered: dict[str, pb.Sample] = {}
+        self.exhausted = False  # the caller's iterable has no more samples
 
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+    def requests(self) -> AsyncIterator[pb.ScoreRequest]:
+        """The requests of one stream (one attempt): the samples unanswered as it starts."""
+        return self._requests(list(self.unanswered.values()))
 
-    @property
-    def retries(self) -> int:
-        return self._client.retries
-
-    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
-        return self._call(self._client.model_info(timeout))
-
-    def score(self, samples: Sequence[pb.Sample], timeout: float | None = None) -> list[ScoreResult]:
-        return self._call(self._client.score(samples, timeout))
-
-    def score_all(self, samples: Sequence[pb.Sample], chunk_size: int = 64,
-                  timeout: float | None = None) -> list[ScoreResult]:
-        return self._call(self._client.score_all(samples, chunk_size, timeout))
-
-    def score_stream(self, samples: Iterable[pb.Sample], chunk_size: int = 64,
-                     timeout: float | None = None) -> Iterator[ScoreResult]:
-        import queue
-
-        out: queue.Queue = queue.Queue()
-        done = object()
-
-        async def pump():
-            try:
-                async for r in self._client.score_stream(samples, chunk_size, timeout):
-                    out.put(r)
-            except BaseException as e:  # handed to the caller's thread
-                out.put(e)
-            out.put(done)
-
-        asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        while (item := out.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        if self._loop.is_running():
-            self._call(self._client.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-async def _make_async(targets, kwargs) -> AsyncRewardClient:
-    return AsyncRewardClient(targets, **kwargs)
-
-
-def _result(r: pb.ScoreResult) -> ScoreResult:
-    return ScoreResult(r.id, r.reward, r.num_tokens, r.truncated)
+    async def _requests(self, resend: list[pb.Sample]) -> AsyncIterator[pb.ScoreRequest]:
+        for i in range(0, len(resend), self.chunk_size):
+            yield pb.ScoreRequest(samples=resend[i: i + self.chunk_size])
+        while not self.exhausted:
+            chunk = list(itertools.islice(self.source, self.chunk_size))
+            if not chunk:
+                self.exhausted = True
+                return
+            for s in chunk:
+                self.unanswered[s.id] = s
+            yield pb.ScoreRequest(samples=chunk)
 
 
 def _channel_credentials(tls: TLSConfig | None):

@@ -20,10 +20,12 @@ round goes to the ``rm_client.client`` logger (pass ``logger=`` to route it else
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
-from rm_client.client import (AsyncRewardClient, RewardClient, chat_sample, parse_targets,
-                              text_sample)
+from rm_client.client import AsyncRewardClient
+from rm_client.samples import chat_sample, text_sample
+from rm_client.sync import RewardClient
+from rm_client.targets import parse_targets
 
 _call_ids = itertools.count()
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rm_client import AddressError, ScoringError
 from protos.encoding import Encoder, TextInput
-from rm_client import AsyncRemoteRewardFunction, RemoteRewardFunction
+from rm_client import AddressError, AsyncRemoteRewardFunction, RemoteRewardFunction, ScoringError
 from rm_server.launch import start_server
 
 

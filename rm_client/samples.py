@@ -1,0 +1,39 @@
+"""What a client sends and gets back: sample builders (text pair, conversation, token ids) and
+:class:`ScoreResult`, a plain copy of the wire's result."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from protos import reward_pb2 as pb
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    id: str
+    reward: float
+    num_tokens: int
+    truncated: bool
+
+    @classmethod
+    def from_message(cls, r: pb.ScoreResult) -> ScoreResult:
+        return cls(r.id, r.reward, r.num_tokens, r.truncated)
+
+
+def text_sample(sample_id: str, prompt: str, response: str) -> pb.Sample:
+    """Prompt + response, tokenized by the server as in training."""
+    return pb.Sample(id=sample_id, text=pb.TextPair(prompt=prompt, response=response))
+
+
+def chat_sample(sample_id: str, messages: Sequence[dict | tuple[str, str]]) -> pb.Sample:
+    """Chat messages (``{"role", "content"}`` dicts or ``(role, content)`` pairs); the server
+    applies the model's chat template."""
+    msgs = [pb.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, dict)
+            else pb.ChatMessage(role=m[0], content=m[1]) for m in messages]
+    return pb.Sample(id=sample_id, conversation=pb.Conversation(messages=msgs))
+
+
+def token_sample(sample_id: str, ids: Sequence[int], prompt_length: int = 0) -> pb.Sample:
+    """Token ids already made with the server's tokenizer (compare ``tokenizer_fingerprint``)."""
+    return pb.Sample(id=sample_id, tokens=pb.TokenIds(ids=list(ids), prompt_length=prompt_length))

@@ -1,6 +1,6 @@
 """Domain errors and the one place that maps them to gRPC status codes.
 
-The servicer and the batcher raise these; :class:`StatusInterceptor` (rm_server/interceptor.py)
+Admission, the servicer and the batcher raise these; :class:`StatusInterceptor` (interceptor.py)
 turns them into status codes. Any other exception becomes INTERNAL (logged and counted),
 never UNKNOWN.
 

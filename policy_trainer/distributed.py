@@ -64,23 +64,21 @@ def all_reduce_grads(d: Dist, *modules: torch.nn.Module) -> None:
             offset += n
 
 
-def mean_across(d: Dist, values: dict[str, float]) -> dict[str, float]:
-    """Each key averaged over ranks (every rank gets the same numbers: β stays in lock-step)."""
-    if not d.enabled or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / d.world_size for k, v in zip(keys, t.tolist())}
-
-
 def sum_across(d: Dist, values: dict[str, float]) -> dict[str, float]:
+    """Each key summed over ranks (in float64, every rank gets the same numbers)."""
     if not d.enabled or not values:
         return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def mean_across(d: Dist, values: dict[str, float]) -> dict[str, float]:
+    """Each key averaged over ranks (every rank gets the same numbers: β stays in lock-step)."""
+    if not d.enabled:
+        return values
+    return {k: v / d.world_size for k, v in sum_across(d, values).items()}
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 
 # TRITON_INTERPRET must be set before the first `import triton` in this process: @triton.jit
 # picks interpreter or compiler when the decorator runs, for our kernels and for Triton's own
-# tl.sum / tl.max. If another module imported triton first, see kernels_interpreted() below.
+# tl.sum / tl.max. If another module imported triton first, kernels_interpreted() says so.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -23,18 +23,7 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-
-
-def kernels_interpreted(kernel) -> None:
-    """Fail collection loudly (not a silent skip) when the CPU run cannot interpret kernels."""
-    if torch.cuda.is_available():
-        return
-    std = type(triton.language.standard.sum).__name__
-    if not kernels.dispatch.interpreting(kernel) or std != "InterpretedFunction":
-        raise RuntimeError(
-            "triton was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled "
-            "and cannot run on CPU tensors. Set TRITON_INTERPRET=1 in tests/conftest.py (when "
-            "CUDA is unavailable) or in the environment.")
+from tests.kernels.interpreted import kernels_interpreted  # noqa: E402
 
 
 def load_compiled_copy(name: str):

@@ -24,21 +24,8 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-import kernels  # noqa: E402
 from kernels import token_logprobs, token_logprobs_reference  # noqa: E402
-
-
-def kernels_interpreted(kernel) -> None:
-    """Fail collection loudly (not a silent skip) when the CPU run cannot interpret kernels."""
-    if torch.cuda.is_available():
-        return
-    std = type(triton.language.standard.sum).__name__
-    if not kernels.dispatch.interpreting(kernel) or std != "InterpretedFunction":
-        raise RuntimeError(
-            "triton was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled "
-            "and cannot run on CPU tensors. Set TRITON_INTERPRET=1 in tests/conftest.py (when "
-            "CUDA is unavailable) or in the environment.")
-
+from tests.kernels.interpreted import kernels_interpreted  # noqa: E402
 
 op = sys.modules["kernels.token_logprobs"]  # the module (kernels.token_logprobs is the op)
 kernels_interpreted(op._logprob_fwd_kernel)

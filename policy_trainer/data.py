@@ -1,19 +1,22 @@
-"""The data plumbing of every stage: JSONL reading with one bad-line policy, the order of the
+"""The data plumbing of every stage: record reading with one bad-line policy, the order of the
 examples by (seed, epoch), the hold-out split, padding, and the max-length rule.
 
 Inputs are JSONL, one object per line (other keys are allowed and ignored):
 
 - demonstrations (``policy-trainer sft``): ``{"prompt": str, "response": str}``
 - prompts (``policy-trainer ppo``): ``{"prompt": str}``
-- preferences (``policy-trainer rm`` / ``rm-eval``): see :mod:`policy_trainer.prefs`
+- preferences (``policy-trainer rm`` / ``rm-eval``): see :mod:`policy_trainer.prefs`; these
+  may also be tables (:mod:`policy_trainer.tables`): a Parquet file, or a ``datasets`` dataset
+  saved with ``save_to_disk``, one record per row.
 
 Blank lines are not records: they are counted and skipped. Every other line that is not a
 valid record (bad UTF-8, bad JSON, not an object, a missing or mistyped field, an empty
-response or prompt) is a *bad line*, kept with its line number and reason. The *bad-line
-policy* decides what happens next, the same for every command: ``"skip"`` keeps the good
-records and reports the bad lines (logged and counted); ``"error"`` refuses the file, naming
-the first few. ``sft`` and ``ppo`` spell it ``--strict`` (default skip), ``rm`` and ``rm-eval``
-``--bad-lines error|skip`` (default error). Nothing is dropped silently.
+response or prompt) is a *bad line*, kept with its line number and reason; in a table, a *bad
+row* with its 1-based row number. The *bad-line policy* decides what happens next, the same
+for every command and input kind: ``"skip"`` keeps the good records and reports the bad lines
+(logged and counted); ``"error"`` refuses the file, naming the first few. ``sft`` and ``ppo``
+spell it ``--strict`` (default skip), ``rm`` and ``rm-eval`` ``--bad-lines error|skip``
+(default error). Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ class BadLine(NamedTuple):
 
 
 @dataclass
-class JsonlFile:
-    """What reading a JSONL file found: the records, the bad lines and the blank ones."""
+class RecordFile:
+    """What reading a data file found: the records, the bad lines and the blank ones. For a
+    table (Parquet, a saved dataset) ``unit`` is "row": ``lines`` counts rows, a bad line is a
+    bad row, numbered from 1."""
 
     path: str
     on_bad: BadLinePolicy = "skip"
@@ -52,6 +57,7 @@ class JsonlFile:
     lines: int = 0
     blank: int = 0
     sha256: str = ""  # of the raw bytes: a resumed run checks it is reading the same data
+    unit: str = "line"  # what a record's number counts: "line" (JSONL) or "row" (a table)
 
     def add_bad(self, line: int, reason: str) -> None:
         self.bad.append(BadLine(line, reason))
@@ -62,28 +68,32 @@ class JsonlFile:
         if self.on_bad == "skip" or not self.bad:
             return
         n, k = len(self.bad), MAX_LISTED_BAD_LINES
-        listed = "; ".join(f"line {b.line}: {b.reason}" for b in self.bad[:k])
+        listed = "; ".join(f"{self.where(b.line)}: {b.reason}" for b in self.bad[:k])
         more = f" (and {n - k} more)" if n > k else ""
-        raise UserError(f"{self.path}: {n} malformed line(s): {listed}{more}. "
+        raise UserError(f"{self.path}: {n} malformed {self.unit}(s): {listed}{more}. "
                         f"Fix them, or {self.hint}.")
+
+    def where(self, line: int) -> str:
+        """``line 3`` or ``row 3``: how messages name a record."""
+        return f"{self.unit} {line}"
 
     def report(self, log: logging.Logger, limit: int = 20) -> None:
         for b in self.bad[:limit]:
-            log.warning("%s:%d: skipped bad line: %s", self.path, b.line, b.reason)
+            log.warning("%s:%d: skipped bad %s: %s", self.path, b.line, self.unit, b.reason)
         if len(self.bad) > limit:
-            log.warning("%s: ... and %d more bad lines", self.path, len(self.bad) - limit)
-        log.info("%s: %d records, %d bad lines, %d blank lines",
-                 self.path, len(self.records), len(self.bad), self.blank)
+            log.warning("%s: ... and %d more bad %ss", self.path, len(self.bad) - limit, self.unit)
+        log.info("%s: %d records, %d bad %ss, %d blank lines",
+                 self.path, len(self.records), len(self.bad), self.unit, self.blank)
 
 
 def read_jsonl(path: str | Path, parse: Callable[[dict, int], object],
-               on_bad: BadLinePolicy = "skip", hint: str = "") -> JsonlFile:
+               on_bad: BadLinePolicy = "skip", hint: str = "") -> RecordFile:
     """Every line of ``path`` through ``parse(obj, line)``, which raises ValueError saying what
-    is wrong with a bad record; then the bad-line policy (:meth:`JsonlFile.enforce`)."""
+    is wrong with a bad record; then the bad-line policy (:meth:`RecordFile.enforce`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    result, digest = JsonlFile(str(path), on_bad, hint), hashlib.sha256()
+    result, digest = RecordFile(str(path), on_bad, hint), hashlib.sha256()
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             digest.update(raw)
@@ -148,11 +158,11 @@ def parse_prompt(obj: dict, line: int) -> Prompt:
     return Prompt(_string_field(obj, "prompt", allow_empty=False), line)
 
 
-def read_demos(path: str | Path, strict: bool = False) -> JsonlFile:
+def read_demos(path: str | Path, strict: bool = False) -> RecordFile:
     return read_jsonl(path, parse_demo, "error" if strict else "skip", STRICT_HINT)
 
 
-def read_prompts(path: str | Path, strict: bool = False) -> JsonlFile:
+def read_prompts(path: str | Path, strict: bool = False) -> RecordFile:
     return read_jsonl(path, parse_prompt, "error" if strict else "skip", STRICT_HINT)
 
 

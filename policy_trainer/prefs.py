@@ -1,11 +1,20 @@
-"""Preference data: JSONL lines -> (chosen, rejected) pairs -> token ids through the shared Encoder.
+"""Preference data: records -> (chosen, rejected) pairs -> token ids through the shared Encoder.
 
-One JSON object per line, in one of three shapes (other keys are ignored):
+One record per JSONL line, or per row of a Parquet file or saved ``datasets`` dataset
+(:mod:`policy_trainer.tables`), in one of these shapes (other keys are ignored):
 
     {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 1.0}        text pair
+    {"chosen": "...", "rejected": "..."}                          text pair, implicit prompt
     {"chosen": [{"role": "user", "content": "..."}, {"role": "assistant", ...}],
      "rejected": [...], "prompt": [...optional messages before both...]}           chat pair
     {"prompt": "..." | [messages], "ranking": [best, second, ..., worst]}          ranking
+
+The implicit-prompt layout (TRL's, HH-RLHF's) splits off the prompt as TRL's ``extract_prompt``
+does (trl/data_utils.py): the longest common prefix of the two texts, less a final space, which
+stays with the responses (:func:`implicit_prompt`). Chat pairs need no split: prompt and
+response messages are scored as one conversation either way. A string ``prompt`` beside chat
+``chosen``/``rejected`` is ignored, as TRL's ``maybe_extract_prompt`` ignores it: the
+conversations hold their prompt.
 
 A ranking of k responses (strings with a text prompt, message lists with a chat prompt) expands
 into its k(k−1)/2 pairs, each winner above each loser; ``margin`` (optional, ≥ 0 not required)
@@ -13,9 +22,9 @@ applies to every pair of the line. Pairs from one line stay together in the trai
 
 Nothing is skipped silently. A malformed line (not JSON, a missing or mistyped field, chosen
 equal to rejected, a role the Encoder refuses) is a bad line under the bad-line policy of every
-input (:mod:`policy_trainer.data`): by default (``--bad-lines error``) the whole file is
-refused, listing the first bad lines; with ``skip`` it is skipped and counted in
-:class:`DataReport`. Blank lines are counted too.
+input (:mod:`policy_trainer.data`; a bad row of a table likewise, named by its row number): by
+default (``--bad-lines error``) the whole file is refused, listing the first bad lines; with
+``skip`` it is skipped and counted in :class:`DataReport`. Blank lines are counted too.
 
 Over-long pairs (more than ``max_length`` tokens, either side) follow ``truncation``:
 "left" (default) drops tokens from the start and keeps the end, where the score is read, exactly
@@ -29,8 +38,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from policy_trainer.data import MAX_LISTED_BAD_LINES, BadLinePolicy, JsonlFile, read_jsonl
+from policy_trainer.data import MAX_LISTED_BAD_LINES, BadLinePolicy, RecordFile
 from policy_trainer.errors import UserError
+from policy_trainer.tables import read_records
 from protos.encoding import ROLES, ChatInput, Encoder, InputError, TextInput
 
 BAD_LINES_HINT = "pass --bad-lines skip to skip and count them"
@@ -63,10 +73,10 @@ class EncodedPair:
 
 @dataclass
 class DataReport:
-    """Counts for the summary: every line and pair is accounted for. The lines, and the bad
-    ones (found by reading, then by encoding), are those of the file it was read from."""
+    """Counts for the summary: every line and pair is accounted for. The lines (a table's rows),
+    and the bad ones (found by reading, then by encoding), are those of the file read."""
 
-    file: JsonlFile
+    file: RecordFile
     rankings: int = 0
     pairs: int = 0
     truncated_pairs: int = 0
@@ -100,7 +110,7 @@ class DataReport:
                 "truncated_pairs": self.truncated_pairs,
                 "dropped_long_pairs": self.dropped_long_pairs,
                 "encoded_pairs": self.encoded_pairs,
-                "errors": [f"line {n}: {m}" for n, m in self.errors]}
+                "errors": [f"{self.file.where(n)}: {m}" for n, m in self.errors]}
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -140,6 +150,24 @@ def _margin(record: dict) -> float:
     return float(m)
 
 
+def implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a text pair whose prompt is part of both texts.
+
+    TRL's ``extract_prompt`` rule: the prompt ends where the texts first differ, one character
+    earlier when the character before is a space (the space starts the responses: "A: good" /
+    "A: bad" split as "A:" + " good" / " bad"). Where TRL's loop has no such point it returns
+    odd splits, which are not copied: when one text is a prefix of the other, TRL cuts one
+    character before the end of the shorter; here the whole shorter text (less a final space)
+    is the prompt. When the texts differ at the first character and ``chosen`` ends in a space,
+    TRL's index becomes −1; here the prompt is empty.
+    """
+    n = min(len(chosen), len(rejected))
+    cut = next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    if cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 def parse_record(record, line: int = 0) -> list[PreferencePair]:
     """The pairs of one JSON record; raises ParseError saying what is wrong."""
     if not isinstance(record, dict):
@@ -164,10 +192,15 @@ def parse_record(record, line: int = 0) -> list[PreferencePair]:
     for key in ("chosen", "rejected"):
         if key not in record:
             raise ParseError(f"missing {key!r} (or give a 'ranking')")
-    if prompt is None and isinstance(record["chosen"], str):
-        raise ParseError("missing 'prompt' (text pairs need a string prompt; it may be empty)")
-    chosen = _response(prompt, record["chosen"], "chosen")
-    rejected = _response(prompt, record["rejected"], "rejected")
+    chosen, rejected = record["chosen"], record["rejected"]
+    if {type(chosen), type(rejected)} == {str, list}:
+        raise ParseError("'chosen' and 'rejected' must both be strings or both message lists")
+    if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
+        prompt = None  # TRL's maybe_extract_prompt: the conversations hold their prompt
+    if prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
+        prompt, chosen, rejected = implicit_prompt(chosen, rejected)
+    chosen = _response(prompt, chosen, "chosen")
+    rejected = _response(prompt, rejected, "rejected")
     if chosen == rejected:
         raise ParseError("'chosen' and 'rejected' are identical")
     return [PreferencePair(chosen, rejected, margin, line)]
@@ -175,14 +208,15 @@ def parse_record(record, line: int = 0) -> list[PreferencePair]:
 
 def read_preferences(path: str | Path, bad_lines: BadLinePolicy = "error"
                      ) -> tuple[list[PreferencePair], DataReport]:
-    """The pairs of a preference JSONL file, under the bad-line policy ``bad_lines``."""
-    found = read_jsonl(path, lambda record, line: ("ranking" in record,
-                                                   parse_record(record, line)),
-                       bad_lines, BAD_LINES_HINT)
+    """The pairs of a preference file (JSONL, Parquet or a saved dataset), under the bad-line
+    policy ``bad_lines``."""
+    found = read_records(path, lambda record, line: ("ranking" in record,
+                                                     parse_record(record, line)),
+                         bad_lines, BAD_LINES_HINT)
     pairs = [p for _, line_pairs in found.records for p in line_pairs]
     report = DataReport(found, rankings=sum(r for r, _ in found.records), pairs=len(pairs))
     if not pairs:
-        raise UserError(f"{path}: no preference pairs in {found.lines} line(s)")
+        raise UserError(f"{path}: no preference pairs in {found.lines} {found.unit}(s)")
     return pairs, report
 
 
@@ -216,9 +250,9 @@ def encode_pairs(pairs: list[PreferencePair], encoder: Encoder, report: DataRepo
         truncated = c.truncated or r.truncated
         if truncated and truncation == "error":
             n = max(c.original_length, r.original_length)
-            raise UserError(f"{report.path}: line {p.line}: {n} tokens is longer than max_length "
-                            f"{encoder.max_length} (pass --truncation left to keep the end, "
-                            "or drop)")
+            raise UserError(f"{report.path}: {report.file.where(p.line)}: {n} tokens is longer "
+                            f"than max_length {encoder.max_length} (pass --truncation left to "
+                            "keep the end, or drop)")
         if truncated and truncation == "drop":
             report.dropped_long_pairs += 1
             continue

@@ -1,4 +1,6 @@
-"""Resumable training checkpoints, the same for every stage: OUT/checkpoints/step-N/.
+"""Resumable training checkpoints, the same for every stage: ROOT/step-N/, where ROOT is
+OUT/checkpoints for ``sft`` and ``ppo``, and for the reward model a directory beside its
+servable output (:func:`checkpoint_root`).
 
 Each checkpoint is a loadable Hugging Face directory (model + tokenizer, ``save_pretrained``)
 plus ``trainer_state.pt``: the step, the state of every optimizer, scheduler and controller,
@@ -46,13 +48,30 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def find_resume_point(out: Path, resume: bool, *, fresh_if_none: bool) -> Path | None:
-    """The checkpoint in OUT/checkpoints to continue from, or None to start fresh.
+def checkpoint_root(out: Path, chosen: str | Path | None) -> Path:
+    """Where a run writing its servable model to ``out`` keeps its resumable checkpoints (each
+    about 3x the model: weights, optimizer moments, RNG), so OUT holds only what is served.
+
+    ``chosen`` (a ``--checkpoint-dir``) when given; else OUT/checkpoints when a run of an
+    earlier version left its checkpoints there (it resumes, and goes on saving, there); else
+    ``OUT.checkpoints`` beside OUT (``runs/rm`` -> ``runs/rm.checkpoints``)."""
+    if chosen:
+        return Path(chosen)
+    if latest_checkpoint(out / "checkpoints") is not None:
+        return out / "checkpoints"
+    resolved = out.resolve()  # OUT "." has no name of its own
+    return resolved.parent / f"{resolved.name}.checkpoints"
+
+
+def find_resume_point(out: Path, resume: bool, *, fresh_if_none: bool,
+                      root: Path | None = None) -> Path | None:
+    """The checkpoint in ``root`` (default OUT/checkpoints) to continue from, or None to start
+    fresh.
 
     Without ``resume``, an OUT that already holds a run (a checkpoint, or a finished model) is
     refused rather than overwritten. With ``resume`` and no checkpoint: start from the
     beginning when ``fresh_if_none`` (``sft``, ``ppo``), else refuse (``rm``)."""
-    root = out / "checkpoints"
+    root = out / "checkpoints" if root is None else root
     latest = latest_checkpoint(root)
     if not resume and (latest is not None or (out / "config.json").exists()):
         raise UserError(f"{out} already holds a run: pass --resume to continue it, "

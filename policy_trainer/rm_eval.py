@@ -4,9 +4,11 @@ preference pairs, and how calibrated it is (the metrics: :mod:`policy_trainer.rm
     policy-trainer rm-eval --model DIR --data prefs.jsonl [--out DIR] ...
 
 Writes eval.json (the metrics), eval_scores.jsonl (one line per pair) and, when matplotlib
-(the ``[plots]`` extra) is installed, eval.png. Tokenization is the shared Encoder
-(protos/encoding.py), the server's own; scoring is :func:`rm_model.score_pairs`, which scores
-a batch exactly as each sequence alone.
+(the ``[plots]`` extra) is installed, eval.png, into an output directory of their own:
+``--out``, by default ``rm-eval-<model name>-<data name>`` in the current directory (never
+inside the model directory, which may be a read-only mount or a served checkpoint).
+Tokenization is the shared Encoder (protos/encoding.py), the server's own; scoring is
+:func:`rm_model.score_pairs`, which scores a batch exactly as each sequence alone.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ class EvalConfig:
     model: str
     """Reward-model checkpoint directory (a HuggingFace sequence-classification checkpoint)."""
     data: str
-    """Preference JSONL to evaluate on (the same formats `rm-server train` reads)."""
+    """Preference data to evaluate on (the formats and files `rm-server train` reads)."""
     out: str | None = None
-    """Directory for eval.json, eval.png and eval_scores.jsonl; default MODEL/eval-<data name>."""
+    """Directory for eval.json, eval.png and eval_scores.jsonl; default
+    ./rm-eval-<model name>-<data name>."""
     max_length: int | None = None
     """Maximum tokens per sequence; default what the model takes (its position table, capped by
     the tokenizer's model_max_length, where `rm` saves the length it trained with)."""
@@ -80,6 +83,11 @@ def write_report(out: Path, pairs, r_w, r_l, bins: int, title: str, extra: dict 
     return metrics
 
 
+def default_out(model_dir: Path, data: str) -> Path:
+    """``rm-eval-<model name>-<data name>`` in the current directory."""
+    return Path(f"rm-eval-{model_dir.resolve().name}-{Path(data).stem}")
+
+
 def one_line(m: dict) -> str:
     return (f"accuracy {m['accuracy']:.3f} on {m['pairs']} pairs, loss {m['loss']:.3f}, "
             f"Δ {m['delta_mean']:.2f} ± {m['delta_std']:.2f}, ECE {m['ece']:.3f}")
@@ -108,7 +116,7 @@ def evaluate(cfg: EvalConfig) -> int:
     encoded = encode_pairs(pairs, encoder, report, cfg.truncation)
     show = cfg.progress and sys.stderr.isatty()
     r_w, r_l = score_pairs(model, encoded, device, cfg.batch_size, progress=show)
-    out = Path(cfg.out) if cfg.out else model_dir / f"eval-{Path(cfg.data).stem}"
+    out = Path(cfg.out) if cfg.out else default_out(model_dir, cfg.data)
     no_plots = plots_missing()
     metrics = write_report(out, encoded, r_w, r_l, cfg.bins, title=model_dir.name,
                            extra={"data": report.summary(), "max_length": max_length},

@@ -19,9 +19,12 @@ the Bradley-Terry loss.
 
 Data order is a pure function of (seed, step): epoch e visits the training pairs in
 ``data.epoch_order`` (seeded by (seed, e)) and step s takes the next ``batch_size`` of them,
-batches staying within their epoch. A checkpoint (OUT/checkpoints/step-N/: model, tokenizer,
+batches staying within their epoch. A checkpoint (CHECKPOINTS/step-N/: model, tokenizer,
 optimizer, scheduler, RNG states) is therefore enough for ``--resume`` to continue at step N+1
-with the same batches and the same losses as an uninterrupted run.
+with the same batches and the same losses as an uninterrupted run. CHECKPOINTS is
+``--checkpoint-dir``, by default OUT.checkpoints beside OUT (OUT holds only what is served); a
+run begun by an earlier version, with OUT/checkpoints, resumes and saves there
+(:func:`checkpoint.checkpoint_root`).
 """
 
 from __future__ import annotations
@@ -54,16 +57,17 @@ from protos.encoding import Encoder
 @dataclass
 class TrainConfig:
     data: str
-    """Preference JSONL: {prompt, chosen, rejected[, margin]}, chat message lists, or
-    {prompt, ranking}."""
+    """Preference data: JSONL, a Parquet file or a saved `datasets` directory; records
+    {prompt, chosen, rejected[, margin]}, {chosen, rejected} (implicit prompt), chat message
+    lists, or {prompt, ranking}."""
     base: str
     """Base checkpoint: a causal LM (a scalar head is added) or a 1-label sequence-classification
     model."""
     out: str
-    """Output directory: the trained checkpoint, stats, logs, plots, and checkpoints/ for
-    --resume."""
+    """Output directory: the servable checkpoint, stats, logs and plots (the resumable
+    checkpoints go to --checkpoint-dir)."""
     eval_data: str | None = None
-    """Separate preference JSONL for evaluation (default: hold out --eval-fraction of --data)."""
+    """Separate preference data for evaluation (default: hold out --eval-fraction of --data)."""
     eval_fraction: float = 0.05
     """Fraction of --data lines held out for evaluation when --eval-data is not given."""
     max_length: int | None = None
@@ -101,11 +105,14 @@ class TrainConfig:
     eval_batch_size: int = 32
     """Pairs per forward pass when evaluating."""
     save_every: int = 500
-    """Write a checkpoint to OUT/checkpoints every N steps (0: only at the end)."""
+    """Write a resumable checkpoint to --checkpoint-dir every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep (0: all)."""
+    checkpoint_dir: str | None = None
+    """Directory for the resumable checkpoints (step-N/: weights, optimizer, RNG; about 3x the
+    model); default OUT.checkpoints beside OUT, or OUT/checkpoints for a run begun there."""
     resume: bool = False
-    """Continue from the newest checkpoint in OUT/checkpoints."""
+    """Continue from the newest checkpoint in --checkpoint-dir."""
     seed: int = 0
     """Seed for the split, the data order and the head initialization."""
     disable_dropout: bool = True
@@ -187,7 +194,9 @@ def train(cfg: TrainConfig) -> int:
         raise UserError(f"no checkpoint at --base {base} (config.json missing)")
     if cfg.batch_size < 1 or (cfg.micro_batch_size or 1) < 1:
         raise UserError("--batch-size and --micro-batch-size must be at least 1")
-    resume_from = checkpoint.find_resume_point(out, cfg.resume, fresh_if_none=False)
+    checkpoints = checkpoint.checkpoint_root(out, cfg.checkpoint_dir)
+    resume_from = checkpoint.find_resume_point(out, cfg.resume, fresh_if_none=False,
+                                               root=checkpoints)
     device = pick_device(cfg.device, cfg.threads)
     source = resume_from or base
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -224,7 +233,7 @@ def train(cfg: TrainConfig) -> int:
           f"parameters on {device}")
     print(f"train: {total_steps} steps of {cfg.batch_size} pairs "
           f"({math.ceil(cfg.batch_size / micro)} micro-batch(es) of ≤ {micro}), "
-          f"{steps_per_epoch} steps per epoch")
+          f"{steps_per_epoch} steps per epoch; resumable checkpoints in {checkpoints}")
 
     # 3. optimizer; resume
     opt, sched = build_optimizer(model, total_steps, lr=cfg.lr, schedule=cfg.schedule,
@@ -266,7 +275,7 @@ def train(cfg: TrainConfig) -> int:
             state = checkpoint.trainer_state(done, stateful, data=fingerprint,
                                              cursor=divmod(done, steps_per_epoch),
                                              config=asdict(cfg))
-            checkpoint.save_checkpoint(out / "checkpoints", done, model, tokenizer, state,
+            checkpoint.save_checkpoint(checkpoints, done, model, tokenizer, state,
                                        cfg.keep_checkpoints)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")

@@ -169,7 +169,10 @@ def test_output_is_a_plain_checkpoint_with_stats_logs_and_plots(world, trained):
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     assert all({"loss", "accuracy", "lr", "grad_norm"} <= r.keys() for r in train_rows)
     assert [r["step"] for r in rows if r["split"] == "eval"] == [5, 6]  # end of epoch 0, end of run
-    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    # the resumable state lives beside the servable output, not in it
+    assert not (trained / "checkpoints").exists()
+    ckpts = trained.parent / "rm.checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-3", "step-6"]
     summary = json.loads((trained / "train_summary.json").read_text())
     assert summary["data"]["eval"]["truncated_pairs"] == 2
     assert summary["data"]["train"]["pairs"] == 80 and summary["data"]["eval"]["rankings"] == 1
@@ -250,7 +253,11 @@ def test_resume_continues_at_the_same_step_with_the_same_losses(world, tmp_path,
         train(cfg(tmp_path / "b"))
     monkeypatch.setattr(train_mod, "train_step", real)
     b = tmp_path / "b"
-    assert [p.name for _, p in checkpoint.list_checkpoints(b / "checkpoints")] == ["step-3"]
+    assert [p.name for _, p in checkpoint.list_checkpoints(tmp_path / "b.checkpoints")] == [
+        "step-3"]
+    # make it a run of an earlier version, which kept its checkpoints in OUT/checkpoints: it
+    # resumes from there, and goes on saving there
+    os.replace(tmp_path / "b.checkpoints", b / "checkpoints")
     # step 4 ran past the checkpoint
     assert len((b / "train_log.jsonl").read_text().splitlines()) == 4
     assert train(cfg(b, resume=True)) == 0
@@ -263,6 +270,61 @@ def test_resume_continues_at_the_same_step_with_the_same_losses(world, tmp_path,
         assert rb["accuracy"] == ra["accuracy"] and rb.get("lr") == ra.get("lr")
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(b / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    assert [p.name for _, p in checkpoint.list_checkpoints(b / "checkpoints")] == [
+        "step-3", "step-6", "step-7"]
+    assert not (tmp_path / "b.checkpoints").exists()
+
+
+def test_checkpoint_dir_default_explicit_and_the_old_layout(tmp_path, monkeypatch):
+    out = tmp_path / "runs" / "rm"
+    assert checkpoint.checkpoint_root(out, None) == tmp_path / "runs" / "rm.checkpoints"
+    assert checkpoint.checkpoint_root(out, str(tmp_path / "ck")) == tmp_path / "ck"
+    out.parent.mkdir(parents=True)
+    monkeypatch.chdir(out.parent)
+    assert checkpoint.checkpoint_root(Path("."), None) == tmp_path / "runs.checkpoints"
+    (out / "checkpoints" / "step-4").mkdir(parents=True)
+    assert checkpoint.checkpoint_root(out, None) == tmp_path / "runs" / "rm.checkpoints"
+    (out / "checkpoints" / "step-4" / checkpoint.STATE_FILE).write_bytes(b"")  # complete now
+    assert checkpoint.checkpoint_root(out, None) == out / "checkpoints"
+    assert checkpoint.checkpoint_root(out, str(tmp_path / "ck")) == tmp_path / "ck"
+
+
+def test_eval_writes_into_a_directory_of_its_own_not_the_model(world, trained, tmp_path,
+                                                               monkeypatch, capsys):
+    before = sorted(p.name for p in trained.iterdir())
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", "--model", str(trained), "--data", world["eval"],
+                     "--no-progress"]) == 0
+    out = tmp_path / "rm-eval-rm-eval"  # rm-eval-<model name>-<data name>
+    assert json.loads((out / "eval.json").read_text())["pairs"] == 17
+    assert (out / "eval_scores.jsonl").is_file()
+    assert sorted(p.name for p in trained.iterdir()) == before
+    assert "rm-eval-rm-eval/eval.json" in capsys.readouterr().out
+
+
+def test_train_reads_parquet_and_saved_datasets_with_implicit_prompts(world, tmp_path):
+    """TRL's layout: {chosen, rejected} whole texts, the prompt their common prefix; a Parquet
+    file to train on and a saved `datasets` directory to evaluate on."""
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    text = [r for r in world["eval_recs"] + [json.loads(t) for t in
+            Path(world["train"]).read_text().splitlines()] if isinstance(r.get("chosen"), str)]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                for r in text]
+    datasets.Dataset.from_list(implicit[12:]).to_parquet(str(tmp_path / "train.parquet"))
+    datasets.Dataset.from_list(implicit[:12]).save_to_disk(str(tmp_path / "eval_ds"))
+    out = tmp_path / "rm"
+    assert cli.main(["train", "--data", str(tmp_path / "train.parquet"), "--eval-data",
+                     str(tmp_path / "eval_ds"), "--base", world["base"], "--out", str(out),
+                     "--max-steps", "2", "--batch-size", "16", "--max-length", "64",
+                     "--no-progress"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["data"]["train"]["lines"] == summary["data"]["train"]["pairs"] == 62
+    assert summary["data"]["eval"]["pairs"] == 12
+    ev = tmp_path / "ev"
+    assert cli.main(["eval", "--model", str(out), "--data", str(tmp_path / "eval_ds"),
+                     "--out", str(ev), "--no-progress"]) == 0
+    got, ref = (json.loads((d / "eval.json").read_text()) for d in (ev, out))
+    assert got["pairs"] == 12 and got["delta_mean"] == pytest.approx(ref["delta_mean"], abs=1e-5)
 
 
 def test_user_errors_are_one_line_exit_2(world, trained, tmp_path, capsys):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/reward.proto\x12\x0erlhf.reward.v1\"7\n\x0cScoreRequest\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.rlhf.reward.v1.Sample\"\xa9\x01\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04text\x18\x02 \x01(\x0b\x32\x18.rlhf.reward.v1.TextPairH\x00\x12\x34\n\x0c\x63onversation\x18\x03 \x01(\x0b\x32\x1c.rlhf.reward.v1.ConversationH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.rlhf.reward.v1.TokenIdsH\x00\x42\x07\n\x05input\",\n\x08TextPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"=\n\x0c\x43onversation\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.rlhf.reward.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\".\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.rlhf.reward.v1.ScoreResult\"P\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\ttruncated\x18\x04 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xd5\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x18\n\x10has_reward_stats\x18\x06 \x01(\x08\x12\x13\n\x0breward_mean\x18\x07 \x01(\x02\x12\x12\n\nreward_std\x18\x08 \x01(\x02\x12\x12\n\nmodel_type\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x12\n\ntruncation\x18\r \x01(\t\x12\x19\n\x11has_chat_template\x18\x0e \x01(\x08\x12\x14\n\x0c\x62os_token_id\x18\x0f \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x10 \x01(\x05\x12\x14\n\x0cpad_token_id\x18\x11 \x01(\x05\x12\x1f\n\x17max_samples_per_request\x18\x12 \x01(\x05\x12\x14\n\x0cscoring_path\x18\x13 \x01(\t\x12\x16\n\x0enum_parameters\x18\x14 \x01(\x03\x12\x16\n\x0eserver_version\x18\x15 \x01(\t2\xf5\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.rlhf.reward.v1.ScoreRequest\x1a\x1d.rlhf.reward.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.rlhf.reward.v1.ScoreRequest\x1a\x1d.rlhf.reward.v1.ScoreResponse(\x01\x30\x01\x12N\n\x0cGetModelInfo\x12#.rlhf.reward.v1.GetModelInfoRequest\x1a\x19.rlhf.reward.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/reward.proto\x12\x0erlhf.reward.v1\"7\n\x0cScoreRequest\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.rlhf.reward.v1.Sample\"\xd8\x01\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04text\x18\x02 \x01(\x0b\x32\x18.rlhf.reward.v1.TextPairH\x00\x12\x34\n\x0c\x63onversation\x18\x03 \x01(\x0b\x32\x1c.rlhf.reward.v1.ConversationH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.rlhf.reward.v1.TokenIdsH\x00\x12-\n\tfull_text\x18\x05 \x01(\x0b\x32\x18.rlhf.reward.v1.FullTextH\x00\x42\x07\n\x05input\",\n\x08TextPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"=\n\x0c\x43onversation\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.rlhf.reward.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"F\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x16\n\x0etoken_type_ids\x18\x03 \x03(\x05\"\x18\n\x08\x46ullText\x12\x0c\n\x04text\x18\x01 \x01(\t\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.rlhf.reward.v1.ScoreResult\"e\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x13\n\x0bhead_scores\x18\x05 \x03(\x02\"\x15\n\x13GetModelInfoRequest\"\xeb\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x18\n\x10has_reward_stats\x18\x06 \x01(\x08\x12\x13\n\x0breward_mean\x18\x07 \x01(\x02\x12\x12\n\nreward_std\x18\x08 \x01(\x02\x12\x12\n\nmodel_type\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x12\n\ntruncation\x18\r \x01(\t\x12\x19\n\x11has_chat_template\x18\x0e \x01(\x08\x12\x14\n\x0c\x62os_token_id\x18\x0f \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x10 \x01(\x05\x12\x14\n\x0cpad_token_id\x18\x11 \x01(\x05\x12\x1f\n\x17max_samples_per_request\x18\x12 \x01(\x05\x12\x14\n\x0cscoring_path\x18\x13 \x01(\t\x12\x16\n\x0enum_parameters\x18\x14 \x01(\x03\x12\x16\n\x0eserver_version\x18\x15 \x01(\t\x12-\n\x06recipe\x18\x16 \x01(\x0b\x32\x1d.rlhf.reward.v1.ScoringRecipe\x12\x15\n\rrecipe_reason\x18\x17 \x01(\t\x12\x12\n\nhead_names\x18\x18 \x03(\t\x12\x1a\n\x12reward_aggregation\x18\x19 \x01(\t\x12\x1e\n\x16\x61\x63\x63\x65pts_token_type_ids\x18\x1a \x01(\x08\"\x81\x01\n\rScoringRecipe\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04join\x18\x02 \x01(\t\x12\x16\n\x0especial_tokens\x18\x03 \x01(\x08\x12\x0b\n\x03\x65os\x18\x04 \x01(\t\x12\x0c\n\x04\x63hat\x18\x05 \x01(\t\x12\x10\n\x08position\x18\x06 \x01(\t\x12\x0f\n\x07summary\x18\x07 \x01(\t2\xf5\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.rlhf.reward.v1.ScoreRequest\x1a\x1d.rlhf.reward.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.rlhf.reward.v1.ScoreRequest\x1a\x1d.rlhf.reward.v1.ScoreResponse(\x01\x30\x01\x12N\n\x0cGetModelInfo\x12#.rlhf.reward.v1.GetModelInfoRequest\x1a\x19.rlhf.reward.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=39
   _globals['_SCOREREQUEST']._serialized_end=94
   _globals['_SAMPLE']._serialized_start=97
-  _globals['_SAMPLE']._serialized_end=266
-  _globals['_TEXTPAIR']._serialized_start=268
-  _globals['_TEXTPAIR']._serialized_end=312
-  _globals['_CONVERSATION']._serialized_start=314
-  _globals['_CONVERSATION']._serialized_end=375
-  _globals['_CHATMESSAGE']._serialized_start=377
-  _globals['_CHATMESSAGE']._serialized_end=421
-  _globals['_TOKENIDS']._serialized_start=423
-  _globals['_TOKENIDS']._serialized_end=469
-  _globals['_SCORERESPONSE']._serialized_start=471
-  _globals['_SCORERESPONSE']._serialized_end=532
-  _globals['_SCORERESULT']._serialized_start=534
-  _globals['_SCORERESULT']._serialized_end=614
-  _globals['_GETMODELINFOREQUEST']._serialized_start=616
-  _globals['_GETMODELINFOREQUEST']._serialized_end=637
-  _globals['_MODELINFO']._serialized_start=640
-  _globals['_MODELINFO']._serialized_end=1109
-  _globals['_REWARDSERVICE']._serialized_start=1112
-  _globals['_REWARDSERVICE']._serialized_end=1357
+  _globals['_SAMPLE']._serialized_end=313
+  _globals['_TEXTPAIR']._serialized_start=315
+  _globals['_TEXTPAIR']._serialized_end=359
+  _globals['_CONVERSATION']._serialized_start=361
+  _globals['_CONVERSATION']._serialized_end=422
+  _globals['_CHATMESSAGE']._serialized_start=424
+  _globals['_CHATMESSAGE']._serialized_end=468
+  _globals['_TOKENIDS']._serialized_start=470
+  _globals['_TOKENIDS']._serialized_end=540
+  _globals['_FULLTEXT']._serialized_start=542
+  _globals['_FULLTEXT']._serialized_end=566
+  _globals['_SCORERESPONSE']._serialized_start=568
+  _globals['_SCORERESPONSE']._serialized_end=629
+  _globals['_SCORERESULT']._serialized_start=631
+  _globals['_SCORERESULT']._serialized_end=732
+  _globals['_GETMODELINFOREQUEST']._serialized_start=734
+  _globals['_GETMODELINFOREQUEST']._serialized_end=755
+  _globals['_MODELINFO']._serialized_start=758
+  _globals['_MODELINFO']._serialized_end=1377
+  _globals['_SCORINGRECIPE']._serialized_start=1380
+  _globals['_SCORINGRECIPE']._serialized_end=1509
+  _globals['_REWARDSERVICE']._serialized_start=1512
+  _globals['_REWARDSERVICE']._serialized_end=1757
 # @@protoc_insertion_point(module_scope)

@@ -13,16 +13,18 @@ class ScoreRequest(_message.Message):
     def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ...) -> None: ...
 
 class Sample(_message.Message):
-    __slots__ = ("id", "text", "conversation", "tokens")
+    __slots__ = ("id", "text", "conversation", "tokens", "full_text")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FULL_TEXT_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: TextPair
     conversation: Conversation
     tokens: TokenIds
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[_Union[TextPair, _Mapping]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+    full_text: FullText
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[_Union[TextPair, _Mapping]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., full_text: _Optional[_Union[FullText, _Mapping]] = ...) -> None: ...
 
 class TextPair(_message.Message):
     __slots__ = ("prompt", "response")
@@ -47,12 +49,20 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class TokenIds(_message.Message):
-    __slots__ = ("ids", "prompt_length")
+    __slots__ = ("ids", "prompt_length", "token_type_ids")
     IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TYPE_IDS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     prompt_length: int
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., prompt_length: _Optional[int] = ...) -> None: ...
+    token_type_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., prompt_length: _Optional[int] = ..., token_type_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FullText(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results",)
@@ -61,23 +71,25 @@ class ScoreResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("id", "reward", "num_tokens", "truncated")
+    __slots__ = ("id", "reward", "num_tokens", "truncated", "head_scores")
     ID_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SCORES_FIELD_NUMBER: _ClassVar[int]
     id: str
     reward: float
     num_tokens: int
     truncated: bool
-    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    head_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., head_scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "max_length", "tokenizer_fingerprint", "has_reward_stats", "reward_mean", "reward_std", "model_type", "vocab_size", "dtype", "device", "truncation", "has_chat_template", "bos_token_id", "eos_token_id", "pad_token_id", "max_samples_per_request", "scoring_path", "num_parameters", "server_version")
+    __slots__ = ("name", "version", "architecture", "max_length", "tokenizer_fingerprint", "has_reward_stats", "reward_mean", "reward_std", "model_type", "vocab_size", "dtype", "device", "truncation", "has_chat_template", "bos_token_id", "eos_token_id", "pad_token_id", "max_samples_per_request", "scoring_path", "num_parameters", "server_version", "recipe", "recipe_reason", "head_names", "reward_aggregation", "accepts_token_type_ids")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +111,11 @@ class ModelInfo(_message.Message):
     SCORING_PATH_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_REASON_FIELD_NUMBER: _ClassVar[int]
+    HEAD_NAMES_FIELD_NUMBER: _ClassVar[int]
+    REWARD_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_TOKEN_TYPE_IDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -120,4 +137,27 @@ class ModelInfo(_message.Message):
     scoring_path: str
     num_parameters: int
     server_version: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., max_length: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., has_reward_stats: _Optional[bool] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., truncation: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., scoring_path: _Optional[str] = ..., num_parameters: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    recipe: ScoringRecipe
+    recipe_reason: str
+    head_names: _containers.RepeatedScalarFieldContainer[str]
+    reward_aggregation: str
+    accepts_token_type_ids: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., max_length: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., has_reward_stats: _Optional[bool] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., truncation: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., scoring_path: _Optional[str] = ..., num_parameters: _Optional[int] = ..., server_version: _Optional[str] = ..., recipe: _Optional[_Union[ScoringRecipe, _Mapping]] = ..., recipe_reason: _Optional[str] = ..., head_names: _Optional[_Iterable[str]] = ..., reward_aggregation: _Optional[str] = ..., accepts_token_type_ids: _Optional[bool] = ...) -> None: ...
+
+class ScoringRecipe(_message.Message):
+    __slots__ = ("name", "join", "special_tokens", "eos", "chat", "position", "summary")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    JOIN_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EOS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    join: str
+    special_tokens: bool
+    eos: str
+    chat: str
+    position: str
+    summary: str
+    def __init__(self, name: _Optional[str] = ..., join: _Optional[str] = ..., special_tokens: _Optional[bool] = ..., eos: _Optional[str] = ..., chat: _Optional[str] = ..., position: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...

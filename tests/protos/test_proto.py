@@ -32,13 +32,22 @@ def test_contract_names():
     assert methods["ScoreStream"].client_streaming and methods["ScoreStream"].server_streaming
     assert not methods["Score"].client_streaming
     assert fields("ScoreRequest") == {"samples": 1}
-    assert fields("Sample") == {"id": 1, "text": 2, "conversation": 3, "tokens": 4}
+    # the fixed names keep their numbers; fields added since keep theirs (never renumbered)
+    assert fields("Sample") == {"id": 1, "text": 2, "conversation": 3, "tokens": 4,
+                                "full_text": 5}
     assert fields("TextPair") == {"prompt": 1, "response": 2}
     assert fields("Conversation") == {"messages": 1}
     assert fields("ChatMessage") == {"role": 1, "content": 2}
-    assert fields("TokenIds") == {"ids": 1, "prompt_length": 2}
+    assert fields("TokenIds") == {"ids": 1, "prompt_length": 2, "token_type_ids": 3}
+    assert fields("FullText") == {"text": 1}
     assert fields("ScoreResponse") == {"results": 1}
-    assert fields("ScoreResult") == {"id": 1, "reward": 2, "num_tokens": 3, "truncated": 4}
+    assert fields("ScoreResult").items() >= {"id": 1, "reward": 2, "num_tokens": 3,
+                                             "truncated": 4, "head_scores": 5}.items()
+    assert fields("ModelInfo").items() >= {"recipe": 22, "recipe_reason": 23, "head_names": 24,
+                                           "reward_aggregation": 25,
+                                           "accepts_token_type_ids": 26}.items()
+    assert fields("ScoringRecipe") == {"name": 1, "join": 2, "special_tokens": 3, "eos": 4,
+                                       "chat": 5, "position": 6, "summary": 7}
     info = fields("ModelInfo")
     for name in ("name", "version", "architecture", "max_length", "tokenizer_fingerprint"):
         assert name in info
@@ -61,7 +70,8 @@ def test_every_field_has_a_comment():
 def test_the_contract_imports_nothing_heavy():
     """The client library depends on protos: importing it loads no torch or transformers, and
     nothing of this repository outside protos."""
-    code = ("import sys, protos.encoding, protos.service_name, protos.reward_pb2_grpc; "
+    code = ("import sys, protos.encoding, protos.recipes, protos.service_name, "
+            "protos.reward_pb2_grpc; "
             "print(sorted({m.split('.')[0] for m in sys.modules}))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=protogen.REPO_ROOT).stdout

@@ -26,8 +26,17 @@ class ServeConfig:
     (gRPC 50051, health 50052 in the image)."""
     metrics_host: str | None = None
     """Address for /metrics (default: same as --host)."""
+    http_port: int | None = None
+    """HTTP/JSON door (OpenRLHF's /get_reward, vLLM-style /pooling and /classify, /v1/score):
+    the same service, batcher, limits and auth as gRPC. Off unless given: a second scoring
+    port is a second surface to secure and firewall. 50054 is the conventional choice (next to
+    gRPC 50051, health 50052, metrics 50053); 0 picks a free one (see --port-file). HTTPS with
+    --tls-cert."""
+    http_host: str | None = None
+    """Address for the HTTP door (default: same as --host)."""
     port_file: str | None = None
-    """Write {"port", "metrics_port", "pid"} as JSON here once bound (for tests and scripts)."""
+    """Write {"port", "metrics_port", "health_port", "http_port", "pid"} as JSON here once bound
+    (for tests and scripts)."""
     model_name: str | None = None
     """Name reported by GetModelInfo and rm_build_info (default: the directory's name)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -65,9 +74,11 @@ class ServeConfig:
     """On a stream, how long a request waits for room in a full queue (backpressure) before the
     stream ends UNAVAILABLE; unary calls are refused at once."""
     max_message_bytes: int = 16 * 1024 * 1024
-    """Largest gRPC message received or sent (RESOURCE_EXHAUSTED above it)."""
+    """Largest gRPC message received or sent (RESOURCE_EXHAUSTED above it), and largest HTTP
+    request body (413)."""
     max_concurrent_rpcs: int | None = 1024
-    """RPCs handled at once; grpc answers RESOURCE_EXHAUSTED above it."""
+    """RPCs handled at once; grpc answers RESOURCE_EXHAUSTED above it (the HTTP door counts
+    its own requests against the same number: 429)."""
     reflection: bool = True
     """Serve gRPC server reflection (--no-reflection to turn it off)."""
     grace_seconds: float = 30.0
@@ -76,7 +87,8 @@ class ServeConfig:
     """On shutdown, how long to keep serving after NOT_SERVING before refusing new calls."""
     auth_token_file: str | None = None
     """File holding a bearer token; when set, RewardService calls need 'authorization: Bearer
-    <token>' (health is exempt)."""
+    <token>' (health is exempt); so do HTTP door requests (Bearer, or Basic with the token as
+    the password, for clients that only take a URL: http://rm:TOKEN@host:port/get_reward)."""
     tls_cert: str | None = None
     """PEM server certificate chain: serve TLS on the main port."""
     tls_key: str | None = None

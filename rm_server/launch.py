@@ -29,6 +29,7 @@ class ServerProc:
     metrics_port: int | None
     log_path: Path
     health_port: int | None = None
+    http_port: int | None = None  # the HTTP door's, when started with --http-port
     final_log: str | None = None  # the log, kept in memory once stop() removed its directory
 
     @property
@@ -104,7 +105,7 @@ def start_server(model_dir, *args: str, wait: bool = True, timeout: float = 90.0
         time.sleep(0.05)
     ports = json.loads(port_file.read_text())
     server = ServerProc(proc, ports["port"], ports["metrics_port"], log_path,
-                        ports.get("health_port"))
+                        ports.get("health_port"), ports.get("http_port"))
     if wait:
         probe = f"127.0.0.1:{server.health_port}" if server.health_port else server.address
         try:

@@ -5,6 +5,9 @@ labels only (method names, status codes, a fixed set of rejection reasons). Each
 registry, so tests can run several servers in one process; it carries the standard process and
 Python collectors (``process_*``, ``python_*``) as every prometheus-client exporter does.
 
+Requests of the HTTP door (rm_server/http.py) are counted as RPCs are, with the route as the
+method label (``/get_reward``, ``/pooling``, ...): a fixed set, like the RPC names.
+
 Labelled series known at start (rejections per reason; requests with code OK and latency per
 method, :meth:`Metrics.init_methods`) exist from the first scrape at zero: ``rate()`` cannot see
 the first burst of a series that appears with a non-zero value, so a burst shorter than the
@@ -67,7 +70,8 @@ class Metrics:
                                     registry=r)
         self.inflight = Gauge("rm_inflight_requests", "RPCs being handled", registry=r)
         self.rejected = Counter("rm_rejected", "Refused or dropped before the model, by reason "
-                                "(queue_full, deadline, cancelled: samples; others: requests)",
+                                "(queue_full, deadline, cancelled: samples; others: requests; "
+                                "too_large, concurrency: HTTP door requests)",
                                 ["reason"], registry=r)
         self.internal_errors = Counter("rm_internal_errors", "Unexpected exceptions (INTERNAL)",
                                        registry=r)
@@ -75,7 +79,7 @@ class Metrics:
         self.build_info = Gauge("rm_build_info", "Server version and served model",
                                 ["version", "model"], registry=r)
         for reason in ("invalid", "queue_full", "not_ready", "deadline", "cancelled",
-                       "unauthenticated", "internal"):
+                       "unauthenticated", "internal", "too_large", "concurrency"):
             self.rejected.labels(reason)  # expose zeros so rate() works from the start
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)

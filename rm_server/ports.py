@@ -1,5 +1,8 @@
 """The server's ports: range and clash checks, a probe for ports another process holds, binding.
 
+Every port a server binds (gRPC, health, metrics, the HTTP door) goes through the same checks:
+a number in range, no fixed port twice, and a probe before anything binds.
+
 grpc turns SO_REUSEPORT on by default: a second server on a port another process listens on
 "binds" and the kernel splits the connections between the two (possibly two different models).
 The server passes ``("grpc.so_reuseport", 0)`` (rm_server/server.py ``server_options``) and
@@ -15,12 +18,15 @@ import grpc
 
 
 def listed_ports(cfg) -> list[tuple[str, str, int]]:
-    """(flag, host, port) of every port a ServeConfig binds; --metrics-port -1 binds none."""
+    """(flag, host, port) of every port a ServeConfig binds; --metrics-port -1 binds none, and
+    the HTTP door binds only when --http-port is given."""
     ports = [("--port", cfg.host, cfg.port)]
     if cfg.health_port is not None:
         ports.append(("--health-port", cfg.host, cfg.health_port))
     if cfg.metrics_port is not None and cfg.metrics_port != -1:
         ports.append(("--metrics-port", cfg.metrics_host or cfg.host, cfg.metrics_port))
+    if cfg.http_port is not None:
+        ports.append(("--http-port", cfg.http_host or cfg.host, cfg.http_port))
     return ports
 
 
@@ -74,3 +80,15 @@ def add_grpc_port(server: grpc.aio.Server, flag: str, address: str, creds=None) 
     if not port:
         raise OSError(f"{flag}: cannot bind {address} (in use, or not an address of this host)")
     return port
+
+
+def bind_tcp(flag: str, host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` for a server that is not grpc's (the HTTP door);
+    the port bound is ``getsockname()[1]``. SO_REUSEADDR as above, never SO_REUSEPORT: a held
+    port is refused, as for grpc. OSError naming ``flag`` when it cannot bind."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as e:  # gaierror included
+        raise OSError(f"{flag} {port}: cannot bind {host}:{port} ({e.strerror or e})") from None

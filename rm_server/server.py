@@ -1,9 +1,10 @@
-"""``rm-server serve``: the gRPC server (grpc.aio), health, reflection, metrics, shutdown.
+"""``rm-server serve``: the gRPC server (grpc.aio), health, reflection, metrics, the HTTP/JSON
+door (rm_server/http.py, with --http-port), shutdown.
 
 Lifecycle: bind the ports and answer health NOT_SERVING at once; load the checkpoint and run
 a warm-up batch on the model thread; then SERVING. On SIGTERM/SIGINT: NOT_SERVING, wait
 ``drain_delay_seconds`` (endpoints update while traffic still arrives), stop accepting RPCs,
-let in-flight calls finish within ``grace_seconds``, stop the batcher, exit 0.
+let in-flight calls (gRPC and HTTP) finish within ``grace_seconds``, stop the batcher, exit 0.
 
 Failing to start is one line on stderr and exit 1, checked before anything binds where it can
 be: numbers out of range, a checkpoint that cannot be a reward model (rm_server/checkpoint.py),
@@ -29,9 +30,10 @@ from rm_server import __version__
 from rm_server.batcher import Batcher
 from rm_server.checkpoint import ModelLoadError, check_checkpoint
 from rm_server.config import ServeConfig, batch_policy, check_config
+from rm_server.http import HttpDoor, ssl_context
 from rm_server.interceptor import StatusInterceptor
 from rm_server.metrics import Metrics, serve_metrics
-from rm_server.ports import add_grpc_port, check_port_free, listed_ports
+from rm_server.ports import add_grpc_port, bind_tcp, check_port_free, listed_ports
 from rm_server.service import RewardServicer, model_info
 
 log = logging.getLogger("rm_server")
@@ -109,8 +111,10 @@ class RewardServer:
                                        cfg.stream_admission_timeout_ms / 1000)
         self.stop_event = asyncio.Event()
         self.servers: list[grpc.aio.Server] = []
-        self.port = self.metrics_port = self.health_port = None
+        self.port = self.metrics_port = self.health_port = self.http_port = None
         self._httpd = None
+        self.http: HttpDoor | None = None
+        self.serving = False  # what grpc.health.v1 answers, for the HTTP door's /healthz
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -154,13 +158,26 @@ class RewardServer:
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
         for s in self.servers:
             await s.start()
-        log.info("listening on %s:%s (metrics %s)", cfg.host, self.port, self.metrics_port)
+        if cfg.http_port is not None:
+            await self._start_http(token)
+        log.info("listening on %s:%s (metrics %s, http %s)", cfg.host, self.port,
+                 self.metrics_port, self.http_port)
         if cfg.port_file:
             tmp = Path(cfg.port_file + ".tmp")  # atomic: readers never see half a file
             tmp.write_text(json.dumps(
                 {"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid(),
-                 "health_port": self.health_port}))
+                 "health_port": self.health_port, "http_port": self.http_port}))
             os.replace(tmp, cfg.port_file)
+
+    async def _start_http(self, token: str | None) -> None:
+        """The HTTP/JSON door (rm_server/http.py) on the same loop, servicer and metrics."""
+        cfg = self.cfg
+        tls = ssl_context(cfg)
+        sock = bind_tcp("--http-port", cfg.http_host or cfg.host, cfg.http_port)
+        self.http_port = sock.getsockname()[1]
+        self.http = HttpDoor(self.servicer, self.metrics, cfg, token, lambda: self.serving)
+        self.metrics.init_methods(self.http.methods)
+        await self.http.start(sock, tls)
 
     async def load(self) -> None:
         """Load and warm up on a worker thread: health keeps answering meanwhile."""
@@ -183,6 +200,7 @@ class RewardServer:
         self.metrics.build_info.labels(__version__, model.name).set(1)
         self.metrics.ready.set(1)
         await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         mode = f" ({model.forward_mode})" if model.forward_mode not in (None, "batch") else ""
         log.info("serving %s (%s, %s, %s path%s%s, version %s)", model.name, model.architecture,
                  cfg.dtype, model.scoring_path, mode, ", compiled" if model.compiled else "",
@@ -192,10 +210,12 @@ class RewardServer:
         cfg = self.cfg
         log.info("draining: NOT_SERVING, grace %.1fs", cfg.grace_seconds)
         await self.health.enter_graceful_shutdown()
+        self.serving = False
         self.metrics.ready.set(0)
         if cfg.drain_delay_seconds > 0:
             await asyncio.sleep(cfg.drain_delay_seconds)
-        await asyncio.gather(*(s.stop(cfg.grace_seconds) for s in self.servers))
+        await asyncio.gather(*(s.stop(cfg.grace_seconds) for s in self.servers),
+                             self._stop_http())
         if self.servicer.batcher:
             await self.servicer.batcher.stop()
         self.servicer.close()
@@ -203,12 +223,18 @@ class RewardServer:
         log.info("stopped")
 
     async def _close(self, grace: float | None = 0) -> None:
-        """Stop the gRPC servers now (a no-op on stopped ones) and the metrics server."""
-        await asyncio.gather(*(s.stop(grace) for s in self.servers))
+        """Stop the gRPC servers now (a no-op on stopped ones), the HTTP door and the metrics
+        server."""
+        await asyncio.gather(*(s.stop(grace) for s in self.servers), self._stop_http())
         if self._httpd:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+    async def _stop_http(self) -> None:
+        """Stop accepting HTTP; requests in flight get --grace-seconds (a no-op once stopped)."""
+        if self.http is not None:
+            await self.http.stop()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -129,6 +129,8 @@ class Encoder:
 
     def encode(self, item: TextInput | ChatInput | TokenInput | FullTextInput) -> Encoded:
         if isinstance(item, TextInput):
+            if not item.prompt and not item.response:
+                raise InputError("text", "empty prompt and response: nothing to score")
             ids, prompt_length = self.encode_text(item.prompt, item.response)
             where = "text"
         elif isinstance(item, ChatInput):

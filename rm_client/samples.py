@@ -1,5 +1,5 @@
-"""What a client sends and gets back: sample builders (text pair, conversation, token ids) and
-:class:`ScoreResult`, a plain copy of the wire's result."""
+"""What a client sends and gets back: sample builders (text pair, conversation, token ids, full
+text) and :class:`ScoreResult`, a plain copy of the wire's result."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def chat_sample(sample_id: str, messages: Sequence[dict | tuple[str, str]]) -> p
     return pb.Sample(id=sample_id, conversation=pb.Conversation(messages=msgs))
 
 
-def token_sample(sample_id: str, ids: Sequence[int], prompt_length: int = 0) -> pb.Sample:
-    """Token ids already made with the server's tokenizer (compare ``tokenizer_fingerprint``)."""
-    return pb.Sample(id=sample_id, tokens=pb.TokenIds(ids=list(ids), prompt_length=prompt_length))
+def token_sample(sample_id: str, ids: Sequence[int], prompt_length: int = 0,
+                 token_type_ids: Sequence[int] = ()) -> pb.Sample:
+    """Token ids already made with the server's tokenizer (compare ``tokenizer_fingerprint``);
+    ``token_type_ids`` for models that take them (``ModelInfo.accepts_token_type_ids``)."""
+    return pb.Sample(id=sample_id, tokens=pb.TokenIds(ids=list(ids), prompt_length=prompt_length,
+                                                      token_type_ids=list(token_type_ids)))
+
+
+def full_text_sample(sample_id: str, text: str) -> pb.Sample:
+    """A whole text as the model sees it, its special tokens written out (e.g. a transcript
+    with the chat template applied, or OpenRLHF's query); tokenized as it is."""
+    return pb.Sample(id=sample_id, full_text=pb.FullText(text=text))

@@ -9,11 +9,13 @@ The servicer translates a request into ``(sample id, input)`` pairs and a :class
 - each id: non-empty, at most ``MAX_ID_BYTES`` bytes, unique among the request's samples and
   the call's samples not answered yet (a stream's ids route its results);
 - each input: encoded by the model's encoder (``protos.encoding``), which checks token ids
-  against the vocabulary, applies the chat template and the truncation policy.
+  (and token type ids) against the vocabulary, applies the scoring recipe, the chat template
+  and the truncation policy. Ids that come with token types are ``TypedIds`` (a list carrying
+  them): queue entries hold them as their ids, and the model reads the types.
 
-Token ids are checked on the event loop (a C-speed range check); text and conversations go to
-one tokenizer thread, so that a large text request does not stall every other call (health
-included). The error reported is the first bad sample's in request order, as if the samples
+Token ids are checked on the event loop (a C-speed range check); text, conversations and full
+texts go to one tokenizer thread, so that a large text request does not stall every other call
+(health included). The error reported is the first bad sample's in request order, as if the samples
 were checked one by one.
 """
 
@@ -25,13 +27,22 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from protos.encoding import ChatInput, Encoded, Encoder, InputError, TextInput, TokenInput
+from protos.encoding import (
+    ChatInput,
+    Encoded,
+    Encoder,
+    FullTextInput,
+    InputError,
+    TextInput,
+    TokenInput,
+)
 from rm_server.batch_policy import Pending, Sink
 from rm_server.errors import InvalidArgument
 
 MAX_ID_BYTES = 256
 
-Input = TextInput | ChatInput | TokenInput | None  # None: the sample set no input
+Input = TextInput | ChatInput | TokenInput | FullTextInput | None  # None: no input set
+TOKENIZED = (TextInput, ChatInput, FullTextInput)  # encoded on the tokenizer thread
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,7 @@ def _check_on_loop(samples: list[tuple[str, Input]], encoder: Encoder, taken: Co
             _check_id(sid, seen, taken)
             seen.add(sid)
             enc = None
-            if isinstance(item, (TextInput, ChatInput)):
+            if isinstance(item, TOKENIZED):
                 to_tokenize.append((len(checked), sid, item))
             else:
                 enc = _encode_tokens(encoder, item) or encoder.encode(item)
@@ -130,10 +141,11 @@ def _check_id(sid: str, seen: set[str], taken: Collection[str]) -> None:
 def _encode_tokens(encoder: Encoder, item: Input) -> Encoded | None:
     """Fast path for token ids: the range check in C (min/max) instead of a Python loop per id.
 
-    Returns None when the ids need the full check (empty, out of range, bad prompt_length;
-    or not token ids at all), so that the encoder raises its usual error naming the field.
+    Returns None when the ids need the full check (empty, out of range, bad prompt_length,
+    token type ids; or not token ids at all), so that the encoder raises its usual error
+    naming the field.
     """
-    if not isinstance(item, TokenInput):
+    if not isinstance(item, TokenInput) or item.token_type_ids:
         return None
     ids, plen = item.ids, item.prompt_length
     if not ids or min(ids) < 0 or max(ids) >= encoder.vocab_size or not 0 <= plen <= len(ids):

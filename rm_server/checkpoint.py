@@ -15,13 +15,21 @@ one line and exits 1") instead of a library traceback or, worse, a server that s
   tensor's byte range) must parse and its ranges must cover the file exactly, which is what the
   safetensors loader itself requires, read here without torch.
 
-Pure Python (json, struct): the server checks before importing torch or transformers.
+``--model`` (and ``--tokenizer``) may also be a hub id, ``org/name`` with ``--revision``:
+:func:`resolve_model` turns it into a local snapshot (downloaded, or from the local hub cache);
+with the hub unreachable (``HF_HUB_OFFLINE=1``, or no network) and no cached copy, that is one
+line saying so. With ``--trust-remote-code`` a config whose ``auto_map`` names a custom
+``AutoModelForSequenceClassification`` class is accepted.
+
+Pure Python (json, struct; huggingface_hub for hub ids): the server checks before importing
+torch or transformers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -35,10 +43,60 @@ GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 # Files AutoTokenizer can build a tokenizer from (fast tokenizer.json; slow vocabularies;
 # sentencepiece and tiktoken models). tokenizer_config.json alone is not enough.
 TOKENIZER_PATTERNS = ("tokenizer.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: a hub id, not a path
 
 
-def check_checkpoint(path: str | Path) -> dict:
-    """Raise :class:`ModelLoadError` (one line) if ``path`` cannot be a reward model; its config."""
+def check_source(model: str | Path, revision: str | None = None, tokenizer: str | None = None,
+                 trust_remote_code: bool = False) -> Path:
+    """The local checkpoint directory for ``--model`` (a hub id resolved), checked."""
+    path = resolve_model(model, revision)
+    check_checkpoint(path, trust_remote_code, tokenizer_given=tokenizer is not None)
+    return path
+
+
+def resolve_model(spec: str | Path, revision: str | None = None, flag: str = "--model") -> Path:
+    """A local directory for ``spec``: the directory itself, or the snapshot of the hub id
+    ``org/name`` at ``revision`` (downloaded, or found in the local hub cache when offline)."""
+    path = Path(spec)
+    if path.exists() or not HUB_ID.fullmatch(str(spec)):
+        if revision and flag == "--model":
+            raise ModelLoadError(f"--revision {revision}: {spec} is a local path, not a hub id")
+        return path
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import (
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:
+        raise ModelLoadError(f"{flag} {spec}: no such directory (hub ids need the "
+                             "huggingface_hub package)") from None
+    try:
+        return Path(snapshot_download(str(spec), revision=revision))
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"{flag} {spec}: no revision {revision!r} on the hub") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{flag} {spec}: no such directory, and no such model on the "
+                             "hub (or it is gated: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no network")
+        raise ModelLoadError(
+            f"{flag} {spec}: not a local directory, and the Hugging Face hub is unreachable "
+            f"({why}) with no copy in the local cache {constants.HF_HUB_CACHE}: download it "
+            f"where the hub is reachable (hf download {spec}) and pass the directory, or set "
+            "HF_HOME to a cache that holds it") from None
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"{flag} {spec}: cannot fetch from the hub: {first}") from None
+
+
+def check_checkpoint(path: str | Path, trust_remote_code: bool = False,
+                     tokenizer_given: bool = False) -> dict:
+    """Raise :class:`ModelLoadError` (one line) if ``path`` cannot be a reward model; its config.
+
+    ``tokenizer_given``: the tokenizer comes from elsewhere (``--tokenizer``), so the directory
+    need not hold one."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -49,12 +107,15 @@ def check_checkpoint(path: str | Path) -> dict:
         raise ModelLoadError(f"cannot read {config_file}: {e}") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{config_file} is not a JSON object")
-    _check_architecture(path, config.get("architectures") or [])
-    if not any(any(path.glob(p)) for p in TOKENIZER_PATTERNS):
+    remote = trust_remote_code and "AutoModelForSequenceClassification" in (
+        config.get("auto_map") or {})
+    if not remote:
+        _check_architecture(path, config.get("architectures") or [])
+    if not tokenizer_given and not any(any(path.glob(p)) for p in TOKENIZER_PATTERNS):
         raise ModelLoadError(
             f"{path} has no tokenizer files (tokenizer.json, or a vocabulary): the server "
             "tokenizes text as the model was trained; save the tokenizer next to the weights "
-            "(tokenizer.save_pretrained(DIR))")
+            "(tokenizer.save_pretrained(DIR)), or name one with --tokenizer")
     for weights in sorted(path.glob("*.safetensors")):
         check_safetensors(weights)
     return config
@@ -93,6 +154,15 @@ def check_safetensors(path: Path) -> None:
     if 8 + n + end != size:
         raise ModelLoadError(f"{path} holds {size} bytes but its header describes {8 + n + end}: "
                              "truncated or corrupt? copy it again")
+
+
+def read_reward_stats(path: Path) -> dict | None:
+    """{"mean", "std"} of rewards from ``reward_stats.json`` (written by rm-server train)."""
+    p = path / "reward_stats.json"
+    if not p.is_file():
+        return None
+    stats = json.loads(p.read_text())
+    return {"mean": float(stats["mean"]), "std": float(stats["std"])}
 
 
 def weights_version(path: Path) -> str:

@@ -22,15 +22,22 @@ embeddings, SiLU, residual adds), which is memory-bound on a CPU and launch-boun
 :meth:`RewardModel.warmup` compiles every graph serving needs before the server says SERVING
 (see :meth:`RewardModel._compile`); the shared-prefix path stays eager.
 
-The scored position follows HF: the rightmost token whose id != pad_token_id (so when pad ==
-eos a trailing EOS is skipped and the token before it is scored); with no pad id, the last
-token. We compute it on each unpadded sequence, then right-pad the batch: causal attention
+The scored position follows the scoring recipe (protos/recipes.py): HF's rule, the rightmost
+token whose id != pad_token_id (so when pad == eos a trailing EOS is skipped and the token
+before it is scored; with no pad id, the last token), or OpenRLHF's, the last token whatever
+its id. We compute it on each unpadded sequence, then right-pad the batch: causal attention
 and position ids of the real tokens are then exactly those of the sample run alone, whatever
-else shares the batch (left padding would shift Llama's positions).
+else shares the batch (left padding would shift Llama's positions). Ids that carry
+``token_type_ids`` (an encoder's pair encoding) pass them to the model's forward, padded with 0.
+
+A model with ``num_labels = K`` scores K heads; each result carries all K and its reward is
+their aggregation (rm_server/heads.py).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -39,7 +46,15 @@ from torch import nn
 
 import kernels
 from protos.encoding import Encoder, tokenizer_fingerprint
-from rm_server.checkpoint import ModelLoadError, check_checkpoint, weights_version
+from protos.recipes import choose_recipe
+from rm_server.checkpoint import (
+    ModelLoadError,
+    check_source,
+    read_reward_stats,
+    resolve_model,
+    weights_version,
+)
+from rm_server.heads import choose_aggregation, head_names, rewards_with_heads
 from rm_server.last_token import (
     FinalNorm,
     ScoredRowsMLP,
@@ -53,6 +68,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # model_type -> attribute of the backbone holding the final norm
 LAST_TOKEN_FAMILIES = {"gpt2": "ln_f", "llama": "norm", "qwen2": "norm", "qwen3": "norm",
                        "mistral": "norm", "gpt_neox": "final_layer_norm"}
+log = logging.getLogger("rm_server")
 
 
 class RewardModel:
@@ -61,50 +77,79 @@ class RewardModel:
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_length: int | None = None, truncation: str = "left",
                  name: str | None = None, prefix_sharing: bool = True, min_shared_prefix: int = 16,
-                 compile: bool = False):
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-        self.path = Path(path)
-        check_checkpoint(self.path)
+                 compile: bool = False, *, tokenizer: str | None = None,
+                 chat_template: str | None = None, trust_remote_code: bool = False,
+                 revision: str | None = None, recipe: str | None = None,
+                 reward_head: str | None = None, head_weights: str | None = None):
+        self.path = check_source(path, revision, tokenizer, trust_remote_code)
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        try:
-            self.config = AutoConfig.from_pretrained(self.path)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.model, info = AutoModelForSequenceClassification.from_pretrained(
-                self.path, dtype=DTYPES[dtype], output_loading_info=True)
-        except Exception as e:  # whatever the loaders raise, the user sees one line
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ModelLoadError(f"cannot load {self.path}: {type(e).__name__}: {first}") from None
-        self._check_loaded(info["missing_keys"])
+        tok_path = resolve_model(tokenizer, None, "--tokenizer") if tokenizer else self.path
+        self._load(tok_path, dtype, trust_remote_code, chat_template)
         self.model = self.model.to(device).eval()
-        self.name = name or self.path.resolve().name
+        self.name = name or (self.path.resolve().name if Path(path).exists() else str(path))
         self.prefix_sharing, self.min_shared_prefix = prefix_sharing, min_shared_prefix
         self.dtype, self.device = dtype, torch.device(device)
         self.pad_token_id = self.model.config.pad_token_id
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
         self.max_length = self._max_length(max_length)
-        self.encoder = Encoder(self.tokenizer, self.max_length, self.vocab_size, truncation)
+        self.recipe, self.recipe_reason = self._choose_recipe(recipe)
+        # the pad id of the scored-position rule: None reads the last token (OpenRLHF)
+        self.position_pad = self.pad_token_id if self.recipe.position == "last-non-pad" else None
+        try:
+            self.heads = choose_aggregation(
+                head_names(self.config.id2label, self.model.config.num_labels),
+                reward_head, head_weights)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
         self.version = weights_version(self.path)
-        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.architecture = type(self.model).__name__
         self._final_norm: FinalNorm | None = None
         self._rows_mlp: ScoredRowsMLP | None = None
         self.scoring_path = self._setup_last_token()
+        self.takes_types = (self.scoring_path == "forward" and "token_type_ids"
+                            in inspect.signature(self.model.forward).parameters)
+        type_vocab = getattr(self.config, "type_vocab_size", None) if self.takes_types else None
+        self.encoder = Encoder(self.tokenizer, self.max_length, self.vocab_size, truncation,
+                               self.recipe, type_vocab or None)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer, self.recipe)
         self.forward_mode = self._setup_forward() if self.scoring_path == "forward" else None
-        self.reward_stats = self._read_reward_stats()
+        self.reward_stats = read_reward_stats(self.path)
         self.compiled = compile
         on_backbone = self.scoring_path == "last-token" or self.forward_mode == "rows"
         module = self._backbone if on_backbone else self.model
         self._padded_module = self._compile(module) if compile else module
 
+    def _load(self, tok_path: Path, dtype: str, trust_remote_code: bool,
+              chat_template: str | None) -> None:
+        """Config, tokenizer and model; whatever the loaders raise, the user sees one line."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        remote = {"trust_remote_code": True} if trust_remote_code else {}
+        try:
+            self.config = AutoConfig.from_pretrained(self.path, **remote)
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_path, **remote)
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                self.path, dtype=DTYPES[dtype], output_loading_info=True, **remote)
+            if chat_template:
+                self.tokenizer.chat_template = Path(chat_template).read_text()
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelLoadError(f"cannot load {self.path}: {type(e).__name__}: {first}") from None
+        self._check_loaded(info["missing_keys"])
+
+    def _choose_recipe(self, requested: str | None):
+        try:
+            recipe, why = choose_recipe(requested, self.path, self.config.model_type)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+        log.info("scoring recipe %s (%s): %s", recipe.name, why, recipe.summary)
+        return recipe, why
+
     def _check_loaded(self, missing_keys: list[str]) -> None:
-        """One scalar output, and every weight from the checkpoint: a head that transformers
-        had to initialise (a base model saved under a classifier's config) would score noise."""
-        if self.model.config.num_labels != 1:
-            raise ModelLoadError(f"{self.path} has num_labels={self.model.config.num_labels}; "
-                                 "a reward model has one scalar output (num_labels=1)")
+        """Every weight from the checkpoint: a head that transformers had to initialise (a
+        base model saved under a classifier's config) would score noise."""
         if missing_keys:
             raise ModelLoadError(
                 f"{self.path} lacks {len(missing_keys)} weights of {type(self.model).__name__} "
@@ -144,12 +189,12 @@ class RewardModel:
         sequence's last real row of the padded batch ("rows"), kept only if it reproduces the
         model's own forward on a probe; anything else runs one sample at a time ("single").
         """
-        if self.pad_token_id is not None:
-            return "batch"
+        if self.pad_token_id is not None and self.position_pad is not None:
+            return "batch"  # the model's own forward reads HF's rule, the recipe's
         backbone = getattr(self.model, self.model.base_model_prefix, None)
         head = getattr(self.model, "score", None)
         if not isinstance(backbone, nn.Module) or not isinstance(head, nn.Linear):
-            return "single"
+            return self._single()
         self._backbone, self._head = backbone, head
         ids = torch.tensor([self.encoder.encode_text("a probe", " of the head")[0] or [0]],
                            device=self.device)  # (1, T)
@@ -158,7 +203,16 @@ class RewardModel:
             hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state  # (1, T, H)
             got = head(hidden[:, -1]).float()[0, 0].item()
         tol = 1e-4 if self.dtype == "float32" else 2e-2
-        return "rows" if abs(got - want) <= tol * max(1.0, abs(want)) else "single"
+        return "rows" if abs(got - want) <= tol * max(1.0, abs(want)) else self._single()
+
+    def _single(self) -> str:
+        """The model's own forward, one sample at a time: its rule for the scored token is
+        HF's, so a recipe scoring the last token whatever its id needs a pad-less model."""
+        if self.position_pad is None and self.pad_token_id is not None:
+            raise ModelLoadError(f"recipe {self.recipe.name} scores the last token, but "
+                                 f"{self.architecture}'s head cannot be applied to a chosen "
+                                 "row: pass another --recipe")
+        return "single"
 
     def _compile(self, module: nn.Module) -> nn.Module:
         """The padded path's module under ``torch.compile(dynamic=True)``.
@@ -175,15 +229,6 @@ class RewardModel:
         """Within: the last layer's MLP runs on rows ``index`` only (None: on none)."""
         return self._rows_mlp.rows(index) if self._rows_mlp is not None else nullcontext()
 
-    def _read_reward_stats(self) -> dict | None:
-        import json
-
-        p = self.path / "reward_stats.json"
-        if not p.is_file():
-            return None
-        stats = json.loads(p.read_text())
-        return {"mean": float(stats["mean"]), "std": float(stats["std"])}
-
     def collate(self, seqs: list[list[int]], min_length: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-pad to (B, T) ids and mask; the scored index of each row, computed unpadded."""
@@ -194,8 +239,20 @@ class RewardModel:
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.as_tensor(s, dtype=torch.long)
             mask[b, : len(s)] = 1
-        index = torch.tensor([last_token_index(s, self.pad_token_id) for s in seqs])
+        index = torch.tensor([last_token_index(s, self.position_pad) for s in seqs])
         return ids, mask, index
+
+    def _type_ids(self, seqs: list[list[int]], t: int) -> dict:
+        """``token_type_ids`` (B, T), right-padded with 0, when any sequence carries them and
+        the model takes them; else no argument at all."""
+        typed = [getattr(s, "token_type_ids", None) for s in seqs]
+        if not self.takes_types or all(x is None for x in typed):
+            return {}
+        types = torch.zeros((len(seqs), t), dtype=torch.long)
+        for b, x in enumerate(typed):
+            if x is not None:
+                types[b, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        return {"token_type_ids": types.to(self.device)}
 
     @torch.inference_mode()
     def score(self, seqs: list[list[int]]) -> list[float]:
@@ -206,7 +263,7 @@ class RewardModel:
         """
         groups, rest = ([], list(range(len(seqs))))
         if self.prefix_sharing and self.scoring_path == "last-token":
-            groups, rest = prefix_groups(seqs, self.pad_token_id, self.min_shared_prefix)
+            groups, rest = prefix_groups(seqs, self.position_pad, self.min_shared_prefix)
         out = [0.0] * len(seqs)
         for prefix_len, members in groups:
             for i, r in zip(members, self._score_shared([seqs[i] for i in members], prefix_len)):
@@ -234,11 +291,11 @@ class RewardModel:
             hidden = self._padded_module(input_ids=ids, attention_mask=mask,
                                          use_cache=False).last_hidden_state  # (B, T, H)
             rows = hidden[torch.arange(len(seqs), device=self.device), index]  # (B, H)
-            rewards = self._head(rows).float()  # (B, 1)
+            rewards = self._head(rows).float()  # (B, K)
         else:
-            logits = self._padded_module(input_ids=ids, attention_mask=mask).logits  # (B, 1)
-            rewards = logits.float()
-        return rewards[:, 0].cpu().tolist()  # one device->host sync per batch
+            rewards = self._padded_module(input_ids=ids, attention_mask=mask,
+                                          **self._type_ids(seqs, ids.shape[1])).logits  # (B, K)
+        return rewards_with_heads(rewards, self.heads)  # one device->host sync per batch
 
     def _score_shared(self, seqs: list[list[int]], p: int) -> list[float]:
         """Run ids[:p] (identical for all) once, then the k suffixes against its KV cache.
@@ -257,17 +314,17 @@ class RewardModel:
         mask = torch.cat([torch.ones(k, p, dtype=suffix_mask.dtype, device=self.device),
                           suffix_mask], dim=1)  # (k, P + S)
         positions = torch.arange(p, p + s_len, device=self.device).expand(k, s_len)
-        index = torch.tensor([last_token_index(s, self.pad_token_id) - p for s in seqs],
+        index = torch.tensor([last_token_index(s, self.position_pad) - p for s in seqs],
                              device=self.device)
         with self._scored_rows(index):
             hidden = self._backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
                                     past_key_values=cache, use_cache=True).last_hidden_state
-        return self._head_on_rows(hidden, index)[:, 0].cpu().tolist()
+        return rewards_with_heads(self._head_on_rows(hidden, index), self.heads)
 
     def _head_on_rows(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         n = self._final_norm
         return kernels.last_token_score(hidden, index, self._head.weight, self._head.bias,
-                                        n.kind, n.weight, n.bias, n.eps)  # (B, 1)
+                                        n.kind, n.weight, n.bias, n.eps)  # (B, K)
 
     @torch.inference_mode()  # as score(): dynamo guards on the grad mode
     def warmup(self) -> None:

@@ -15,7 +15,7 @@ import asyncio
 from google.protobuf.message import DecodeError
 
 from protos import reward_pb2 as pb
-from protos.encoding import ChatInput, TextInput, TokenInput
+from protos.encoding import ChatInput, FullTextInput, TextInput, TokenInput
 from rm_server.admission import Admission, Caller, Input
 from rm_server.batch_policy import Pending
 from rm_server.batcher import Batcher
@@ -39,7 +39,10 @@ def to_domain(sample: pb.Sample) -> Input:
     if kind == "conversation":
         return ChatInput(tuple((m.role, m.content) for m in sample.conversation.messages))
     if kind == "tokens":
-        return TokenInput(tuple(sample.tokens.ids), sample.tokens.prompt_length)
+        t = sample.tokens
+        return TokenInput(tuple(t.ids), t.prompt_length, tuple(t.token_type_ids))
+    if kind == "full_text":
+        return FullTextInput(sample.full_text.text)
     return None
 
 
@@ -72,8 +75,11 @@ def caller_peer(context) -> str:
 
 
 def result_message(results: list[tuple[Pending, float]]) -> pb.ScoreResponse:
+    """The results as protobuf; a multi-head model's rewards carry every head's score
+    (``rm_server.heads.Reward.heads``)."""
     return pb.ScoreResponse(results=[
-        pb.ScoreResult(id=p.sample_id, reward=r, num_tokens=p.length, truncated=p.truncated)
+        pb.ScoreResult(id=p.sample_id, reward=r, num_tokens=p.length, truncated=p.truncated,
+                       head_scores=getattr(r, "heads", ()))
         for p, r in results])
 
 
@@ -173,7 +179,16 @@ def model_info(model, max_samples: int, server_version: str) -> pb.ModelInfo:
         bos_token_id=_id(tok.bos_token_id), eos_token_id=_id(tok.eos_token_id),
         pad_token_id=_id(model.pad_token_id), max_samples_per_request=max_samples,
         scoring_path=model.scoring_path, num_parameters=model.num_parameters,
-        server_version=server_version)
+        server_version=server_version, recipe=recipe_message(model.recipe),
+        recipe_reason=model.recipe_reason, head_names=model.heads.names,
+        reward_aggregation=model.heads.describe(),
+        accepts_token_type_ids=bool(model.encoder.type_vocab_size))
+
+
+def recipe_message(recipe) -> pb.ScoringRecipe:
+    return pb.ScoringRecipe(name=recipe.name, join=recipe.join,
+                            special_tokens=recipe.special_tokens, eos=recipe.eos,
+                            chat=recipe.chat, position=recipe.position, summary=recipe.summary)
 
 
 def _id(x) -> int:

@@ -176,8 +176,10 @@ def test_load_errors_are_clear(tmp_path, tokenizer):
     with pytest.raises(ModelLoadError, match="no config.json"):
         RewardModel(tmp_path / "missing")
     path = tiny.make_reward_model("llama", tokenizer, tmp_path / "two", num_labels=2)
-    with pytest.raises(ModelLoadError, match="num_labels=2"):
-        RewardModel(path)
+    with pytest.raises(ModelLoadError, match="no head named 'nope'"):  # heads: test_heads.py
+        RewardModel(path, reward_head="nope")
+    with pytest.raises(ModelLoadError, match="unknown scoring recipe 'nope'"):
+        RewardModel(path, recipe="nope")
 
 
 # -- prefix-shared scoring (the grouping itself: test_last_token.py) ---------------------------

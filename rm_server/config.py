@@ -13,7 +13,26 @@ from rm_server.ports import check_ports
 @dataclass
 class ServeConfig:
     model: str
-    """Reward-model checkpoint directory (any HF *ForSequenceClassification with num_labels=1)."""
+    """Reward-model checkpoint: a directory (any HF *ForSequenceClassification), or a hub id
+    org/name (see --revision; offline, it must be in the local hub cache)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a hub-id --model."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id (default: the checkpoint's own)."""
+    chat_template: str | None = None
+    """A Jinja chat-template file replacing the tokenizer's (for Conversation inputs)."""
+    trust_remote_code: bool = False
+    """Run the checkpoint's own Python code (custom architectures, e.g. a gating head): only for
+    checkpoints you trust."""
+    recipe: str | None = None
+    """Scoring recipe: how text becomes token ids (rm-server, trl, trl-grpo, openrlhf,
+    encoder-pair, or a JSON file). Default: the one stored in the checkpoint (rm-server train
+    writes it), encoder-pair for encoders (BERT, DeBERTa, ...), else rm-server."""
+    reward_head: str | None = None
+    """Multi-head RMs (num_labels > 1): the head whose score is the reward (default: the
+    first); every head's score is returned either way."""
+    head_weights: str | None = None
+    """Multi-head RMs: reward = a weighted sum of heads, e.g. helpfulness=0.7,safety=0.3."""
     host: str = "127.0.0.1"
     """Address to bind; 127.0.0.1 unless told otherwise (use 0.0.0.0 in a container)."""
     port: int = 50051
@@ -108,6 +127,14 @@ class ServeConfig:
 # peaks at batch 8-16 (64 tokens) and the padding of larger length-grouped batches costs more
 # than they gain (bench/RESULTS.md "Serving"); a GPU wants big batches.
 BATCH_DEFAULTS = {"cuda": (32, 8192), "cpu": (16, 1024)}
+
+
+def model_options(cfg: ServeConfig) -> dict:
+    """Keyword arguments of ``rm_server.model.RewardModel`` for this config."""
+    names = ("dtype", "device", "max_length", "truncation", "prefix_sharing", "compile",
+             "tokenizer", "chat_template", "trust_remote_code", "revision", "recipe",
+             "reward_head", "head_weights")
+    return {"path": cfg.model, "name": cfg.model_name, **{n: getattr(cfg, n) for n in names}}
 
 
 def batch_policy(cfg: ServeConfig, device_type: str) -> BatchPolicy:

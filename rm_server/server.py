@@ -28,8 +28,8 @@ from protos import reward_pb2 as pb
 from protos.service_name import SERVICE_NAME
 from rm_server import __version__
 from rm_server.batcher import Batcher
-from rm_server.checkpoint import ModelLoadError, check_checkpoint
-from rm_server.config import ServeConfig, batch_policy, check_config
+from rm_server.checkpoint import ModelLoadError, check_source
+from rm_server.config import ServeConfig, batch_policy, check_config, model_options
 from rm_server.http import HttpDoor, ssl_context
 from rm_server.interceptor import StatusInterceptor
 from rm_server.metrics import Metrics, serve_metrics
@@ -187,9 +187,7 @@ class RewardServer:
         if cfg.num_threads:
             import torch
             torch.set_num_threads(cfg.num_threads)
-        model = await asyncio.to_thread(RewardModel, cfg.model, cfg.dtype, cfg.device,
-                                        cfg.max_length, cfg.truncation, cfg.model_name,
-                                        prefix_sharing=cfg.prefix_sharing, compile=cfg.compile)
+        model = await asyncio.to_thread(lambda: RewardModel(**model_options(cfg)))
         await asyncio.to_thread(model.warmup)
         policy = batch_policy(cfg, model.device.type)
         batcher = Batcher(model.score, policy, cfg.max_queue, self.metrics)
@@ -268,7 +266,8 @@ def serve(cfg: ServeConfig) -> int:
         pass
     try:
         check_config(cfg)
-        check_checkpoint(cfg.model)  # before binding: a bad --model is the one line on stderr
+        # before binding: a bad --model (or an unreachable hub) is the one line on stderr
+        check_source(cfg.model, cfg.revision, cfg.tokenizer, cfg.trust_remote_code)
         return asyncio.run(RewardServer(cfg).run())
     except (ModelLoadError, OSError, ValueError) as e:
         message = " ".join(str(e).split())  # one line, whatever the library wrote

@@ -135,7 +135,7 @@ class HttpDoor:
     async def get_reward(self, request: web.Request) -> web.Response:
         body = await self._json(request)
         results = await self._score(shapes.openrlhf_samples(body), request)
-        return web.json_response(shapes.openrlhf_response(results))
+        return web.json_response(shapes.openrlhf_response(results, self._model().heads.names))
 
     async def pooling(self, request: web.Request) -> web.Response:
         return await self._vllm(request, "pooling")
@@ -152,9 +152,8 @@ class HttpDoor:
                            f"{model.name!r}; GET /v1/models)")
         activation = shapes.use_activation(body)
         results = await self._score(shapes.vllm_samples(body, model.encoder.recipe), request)
-        label = model.config.id2label.get(0) if kind == "classify" else None
         return web.json_response(shapes.vllm_response(kind, model.name, results, activation,
-                                                      label))
+                                                      model.heads.names))
 
     async def score_json(self, request: web.Request) -> web.Response:
         body = await self._json(request)

@@ -17,9 +17,10 @@ true adds the tokenizer's special tokens (BOS, CLS...), which only the "rm-serve
 prompt does exactly (a text pair with an empty response), so under another recipe it is
 refused, naming the field, rather than scored on a layout vLLM would not have used.
 
-Scores are raw. vLLM's /classify applies an activation (sigmoid for one label, softmax for
-more) unless ``use_activation`` is false; a reward model's score is a logit, so here
-``use_activation`` defaults to false and true applies the sigmoid.
+Scores are raw, every head's (a multi-head model's ``data``/``probs`` hold K scores, in the
+order of ``head_names`` in /v1/model_info). vLLM's /classify applies an activation (sigmoid for
+one label, softmax for more) unless ``use_activation`` is false; a reward model's score is a
+logit, so here ``use_activation`` defaults to false, and true applies vLLM's activation.
 """
 
 from __future__ import annotations
@@ -50,13 +51,22 @@ def openrlhf_samples(body: dict) -> Samples:
     return [(f"query[{i}]", FullTextInput(q)) for i, q in enumerate(queries)]
 
 
-def openrlhf_response(results: Results) -> dict:
+def openrlhf_response(results: Results, head_names: tuple[str, ...]) -> dict:
     """OpenRLHF reads ``rewards`` (and ``scores``, else rewards) and logs each ``extra_logs``
-    entry as a float tensor: numbers only."""
-    rewards = [r for _, r in results]
-    return {"rewards": rewards, "scores": rewards,
-            "extra_logs": {"rm_num_tokens": [float(p.length) for p, _ in results],
-                           "rm_truncated": [float(p.truncated) for p, _ in results]}}
+    entry as a float tensor: numbers only. A multi-head model's heads are logged too
+    (``rm_head_<name>``)."""
+    rewards = [float(r) for _, r in results]
+    logs = {"rm_num_tokens": [float(p.length) for p, _ in results],
+            "rm_truncated": [float(p.truncated) for p, _ in results]}
+    if len(head_names) > 1:
+        for k, name in enumerate(head_names):
+            logs[f"rm_head_{name}"] = [head_scores(r)[k] for _, r in results]
+    return {"rewards": rewards, "scores": rewards, "extra_logs": logs}
+
+
+def head_scores(reward: float) -> list[float]:
+    """Every head's score (rm_server/heads.py ``Reward.heads``); a one-head model's reward."""
+    return list(getattr(reward, "heads", ())) or [float(reward)]
 
 
 # -- vLLM: POST /pooling and POST /classify ------------------------------------------------------
@@ -101,15 +111,17 @@ def use_activation(body: dict) -> bool:
 
 
 def vllm_response(kind: str, model: str, results: Results, activation: bool,
-                  label: str | None) -> dict:
-    """``kind``: "pooling" (data: [score]) or "classify" (probs: [score], label, num_classes)."""
-    scores = [_sigmoid(r) if activation else r for _, r in results]
+                  head_names: tuple[str, ...]) -> dict:
+    """``kind``: "pooling" (data: every head's score) or "classify" (probs: every head's score,
+    the label of the highest, num_classes); ``activation``: vLLM's (sigmoid for one head,
+    softmax over several)."""
+    scores = [_activate(head_scores(r)) if activation else head_scores(r) for _, r in results]
     if kind == "pooling":
-        data = [{"index": i, "object": "pooling", "data": [s]} for i, s in enumerate(scores)]
+        data = [{"index": i, "object": "pooling", "data": s} for i, s in enumerate(scores)]
         prefix = "pool"
     else:
-        data = [{"index": i, "label": label, "probs": [s], "num_classes": 1}
-                for i, s in enumerate(scores)]
+        data = [{"index": i, "label": head_names[max(range(len(s)), key=s.__getitem__)],
+                 "probs": s, "num_classes": len(s)} for i, s in enumerate(scores)]
         prefix = "classify"
     tokens = sum(p.length for p, _ in results)
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
@@ -209,5 +221,11 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+def _activate(scores: list[float]) -> list[float]:
+    """vLLM's classify activation: sigmoid of a single score, softmax over several."""
+    if len(scores) == 1:
+        x = scores[0]
+        return [1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))]
+    top = max(scores)
+    exps = [math.exp(x - top) for x in scores]
+    return [e / sum(exps) for e in exps]

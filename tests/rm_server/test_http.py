@@ -32,6 +32,7 @@ from rm_server.config import ServeConfig, check_config
 from rm_server.errors import InvalidArgument
 from rm_server.http_protocols import vllm_samples
 from rm_server.launch import start_server
+from tests import tiny
 from tests.rm_server.test_server import scrape
 
 TOKEN = "http-door-token-7"
@@ -206,6 +207,41 @@ def test_vllm_texts_take_special_tokens_only_where_exact():
         assert item == TokenInput((5, 6), 0)
     with pytest.raises(InvalidArgument, match=r"add_special_tokens: true .*\('trl'\)"):
         vllm_samples({"input": "x"}, RECIPES["trl"])
+
+
+def test_multi_head_rm_every_head_in_every_shape(tokenizer, tmp_path):
+    """num_labels = 2: /pooling and /classify carry both heads (classify's label: the higher),
+    /get_reward logs each head beside the reward, /v1/score fills head_scores."""
+    path = tiny.make_reward_model("llama", tokenizer, tmp_path / "two", seed=5, num_labels=2,
+                                  id2label={0: "helpful", 1: "safe"})
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    ids = [5, 17, 42, 9]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].tolist()
+    s = start_server(path, "--http-port", "0", "--head-weights", "helpful=0.5,safe=2")
+    base = f"http://127.0.0.1:{s.http_port}"
+    try:
+        _, out, _ = call(f"{base}/pooling", {"input": [ids]})
+        assert out["data"][0]["data"] == pytest.approx(logits, abs=1e-5)
+        _, out, _ = call(f"{base}/classify", {"input": [ids]})
+        [d] = out["data"]
+        assert d["probs"] == pytest.approx(logits, abs=1e-5) and d["num_classes"] == 2
+        assert d["label"] == ("helpful" if logits[0] > logits[1] else "safe")
+        _, out, _ = call(f"{base}/classify", {"input": [ids], "use_activation": True})
+        assert out["data"][0]["probs"] == pytest.approx(
+            torch.softmax(torch.tensor(logits), 0).tolist(), abs=1e-6)
+        text = "<s>the movie was great"
+        _, out, _ = call(f"{base}/get_reward", {"query": [text]})
+        with torch.no_grad():
+            heads = model(**AutoTokenizer.from_pretrained(path)(
+                text, add_special_tokens=False, return_tensors="pt")).logits[0].tolist()
+        assert out["rewards"] == pytest.approx([0.5 * heads[0] + 2 * heads[1]], abs=1e-5)
+        assert out["extra_logs"]["rm_head_helpful"] == pytest.approx([heads[0]], abs=1e-5)
+        assert out["extra_logs"]["rm_head_safe"] == pytest.approx([heads[1]], abs=1e-5)
+        _, out, _ = call(f"{base}/v1/score", {"samples": [{"id": "a", "tokens": {"ids": ids}}]})
+        assert out["results"][0]["head_scores"] == pytest.approx(logits, abs=1e-5)
+    finally:
+        assert s.stop() == 0, s.log()
 
 
 # -- ours: POST /v1/score, GET /v1/model_info, GET /healthz ---------------------------------------

@@ -202,3 +202,21 @@ def test_the_async_twin_takes_the_same_options(server, rm_dir):
     assert sent_ids and got == pytest.approx(want, abs=1e-6)
     assert want == pytest.approx([(r - STATS["mean"]) / STATS["std"] for r in unnormalized],
                                  abs=1e-6)
+
+
+def test_a_server_with_another_scoring_recipe_gets_text(rm_dir):
+    """Same tokenizer, but the server lays text out as TRL's RewardTrainer (prompt + response +
+    EOS, tokenized once): the fingerprint covers the recipe, so the policy's ids are not sent."""
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    server = start_server(rm_dir, "--recipe", "trl")
+    rm = RemoteRewardFunction(server.address, tokenizer=tok)
+    plain = RemoteRewardFunction(server.address)
+    try:
+        ids = [char_ids(tok, c) for c in COMPLETIONS]
+        got = rm(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=ids)
+        assert not rm.sends_token_ids
+        assert got == pytest.approx(plain(prompts=PROMPTS, completions=COMPLETIONS), abs=1e-6)
+    finally:
+        rm.close()
+        plain.close()
+        assert server.stop() == 0

@@ -27,7 +27,7 @@ from policy_trainer.errors import UserError
 from policy_trainer.plots import plot_eval, plots_missing
 from policy_trainer.prefs import EncodedPair, encode_pairs, read_preferences
 from policy_trainer.rm_metrics import pair_metrics
-from policy_trainer.rm_model import score_pairs
+from policy_trainer.rm_model import score_pairs, use_recipe
 
 
 @dataclass
@@ -39,6 +39,9 @@ class EvalConfig:
     out: str | None = None
     """Directory for eval.json, eval.png and eval_scores.jsonl; default
     ./rm-eval-<model name>-<data name>."""
+    recipe: str | None = None
+    """Scoring recipe (rm-server, trl, trl-grpo, openrlhf, encoder-pair, or a JSON file);
+    default: the one stored in the checkpoint, encoder-pair for encoders, else rm-server."""
     max_length: int | None = None
     """Maximum tokens per sequence; default what the model takes (its position table, capped by
     the tokenizer's model_max_length, where `rm` saves the length it trained with)."""
@@ -111,8 +114,9 @@ def evaluate(cfg: EvalConfig) -> int:
     if model.config.num_labels != 1:
         raise UserError(f"{model_dir} has {model.config.num_labels} labels; a reward model has 1")
     max_length = cfg.max_length or max_sequence_length(model.config, tok)
+    recipe = use_recipe(model, cfg.recipe, model_dir)
     encoder = Encoder(tok, max_length, model.config.get_text_config().vocab_size,
-                      truncation="left")
+                      truncation="left", recipe=recipe)
     encoded = encode_pairs(pairs, encoder, report, cfg.truncation)
     show = cfg.progress and sys.stderr.isatty()
     r_w, r_l = score_pairs(model, encoded, device, cfg.batch_size, progress=show)

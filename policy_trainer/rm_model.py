@@ -8,12 +8,16 @@ checkpoint scores batches.
 
 Scoring pads on the right with the checkpoint's ``pad_token_id`` and reads the model's own
 ``*ForSequenceClassification`` output, so a batch scores exactly what each sequence scores
-alone (HF's rule: the last non-pad token), and what ``rm-server serve`` returns for it.
+alone (HF's rule: the last non-pad token), and what ``rm-server serve`` returns for it. The
+scoring recipe (protos/recipes.py, attached by :func:`use_recipe`) may read the last token
+whatever its id instead (OpenRLHF's rule: its EOS even when pad == eos); ids that carry
+``token_type_ids`` (an encoder's pair encoding) pass them to the model.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +25,7 @@ import torch
 from policy_trainer.data import pad
 from policy_trainer.errors import UserError
 from policy_trainer.prefs import EncodedPair
+from protos.recipes import DEFAULT_RECIPE, Recipe, choose_recipe
 
 DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop",
                 "embd_pdrop", "summary_first_dropout", "hidden_dropout_prob",
@@ -88,19 +93,72 @@ def ensure_pad(tokenizer, config) -> str:
     return f"pad_token_id {text.pad_token_id}{note}"
 
 
+def use_recipe(model, requested: str | None, source: str | Path) -> Recipe:
+    """The scoring recipe (``--recipe``; else the one stored in ``source``; an encoder's pair
+    encoding; "rm-server"), attached to ``model`` for :func:`forward_rewards`; says which."""
+    try:
+        recipe, why = choose_recipe(requested, source, model.config.model_type)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model.scoring_recipe = recipe
+    print(f"recipe: {recipe.name} ({why}): {recipe.summary}")
+    return recipe
+
+
+def recipe_of(model) -> Recipe:
+    return getattr(model, "scoring_recipe", None) or DEFAULT_RECIPE
+
+
 def forward_rewards(model, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
     """Scalar rewards (B,) fp32 of the model's own forward; with grad if grad is enabled."""
     pad_id = model.config.get_text_config().pad_token_id
     if pad_id is None:  # HF refuses batches without a pad id: score one at a time
         return torch.cat([forward_rewards_one(model, s, device) for s in seqs])
+    if recipe_of(model).position == "last":  # the last token, whatever its id (OpenRLHF)
+        pad_id = _absent_last_id(seqs, pad_id)
     ids, mask = pad(seqs, pad_id)  # (B, T) each, right-padded
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    with _pad_token_id(model, pad_id):
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    **_type_ids(seqs, ids.shape[1], device))
     return out.logits[:, 0].float()  # (B,)
 
 
 def forward_rewards_one(model, seq: list[int], device: torch.device) -> torch.Tensor:
     ids = torch.tensor([seq], dtype=torch.long, device=device)
-    return model(input_ids=ids).logits[:, 0].float()
+    return model(input_ids=ids, **_type_ids([seq], len(seq), device)).logits[:, 0].float()
+
+
+def _type_ids(seqs: list[list[int]], t: int, device) -> dict:
+    """``token_type_ids`` (B, T), right-padded with 0, when the ids carry them."""
+    typed = [getattr(s, "token_type_ids", None) for s in seqs]
+    if all(x is None for x in typed):
+        return {}
+    types = torch.zeros((len(seqs), t), dtype=torch.long)
+    for b, x in enumerate(typed):
+        if x is not None:
+            types[b, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return {"token_type_ids": types.to(device)}
+
+
+def _absent_last_id(seqs: list[list[int]], pad_id: int) -> int:
+    """A pad id that ends no sequence, so HF's rule (the rightmost id != pad) finds each
+    sequence's last token: padding is masked and right of it, so its id changes nothing."""
+    last = {s[-1] for s in seqs}
+    return pad_id if pad_id not in last else min(set(range(len(last) + 1)) - last)
+
+
+@contextmanager
+def _pad_token_id(model, pad_id: int):
+    """The model reads ``config.pad_token_id`` to find the scored token: set it for a call."""
+    configs = list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
+    old = [c.pad_token_id for c in configs]
+    for c in configs:
+        c.pad_token_id = pad_id
+    try:
+        yield
+    finally:
+        for c, v in zip(configs, old):
+            c.pad_token_id = v
 
 
 @torch.no_grad()

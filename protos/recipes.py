@@ -141,17 +141,40 @@ def load_recipe(spec: str) -> Recipe:
 def choose_recipe(requested: str | None, model_dir: str | Path | None,
                   model_type: str | None) -> tuple[Recipe, str]:
     """The recipe for a checkpoint, and why: the flag; else the one stored in the checkpoint
-    (``scoring_recipe.json``, written by ``rm-server train``); else "encoder-pair" for an
-    encoder family; else the default, "rm-server"."""
+    (``scoring_recipe.json``, written by ``rm-server train``); else "trl" when the model card
+    carries TRL's ``reward-trainer`` tag (what TRL writes with a checkpoint and pushes to the
+    hub); else "encoder-pair" for an encoder family; else the default, "rm-server"."""
     if requested:
         return load_recipe(requested), "--recipe"
     stored = Path(model_dir) / RECIPE_FILE if model_dir is not None else None
     if stored is not None and stored.is_file():
         return load_recipe(str(stored)), f"stored in the checkpoint ({RECIPE_FILE})"
+    if model_dir is not None and _card_tags(Path(model_dir) / "README.md") & {"reward-trainer"}:
+        return RECIPES["trl"], "detected: the model card's reward-trainer tag (TRL)"
     if model_type in ENCODER_TYPES:
         return RECIPES["encoder-pair"], f"detected: an encoder ({model_type}) scores pairs"
     return DEFAULT_RECIPE, ("default: no recipe stored in the checkpoint (pass --recipe trl, "
                             "trl-grpo, openrlhf or encoder-pair for one trained elsewhere)")
+
+
+def _card_tags(card: Path) -> set[str]:
+    """The ``tags:`` list of a model card's YAML front matter (none if no card)."""
+    try:
+        text = card.read_text(errors="replace") if card.is_file() else ""
+    except OSError:
+        return set()
+    if not text.startswith("---"):
+        return set()
+    front = text[3:].split("\n---", 1)[0].splitlines()
+    tags, inside = set(), False
+    for line in front:
+        if line.startswith("tags:"):
+            inside = True
+        elif inside and line.lstrip().startswith("- "):
+            tags.add(line.strip()[2:].strip().strip("'\""))
+        elif inside and line.strip():
+            inside = False
+    return tags
 
 
 def save_recipe(directory: str | Path, recipe: Recipe) -> Path:

@@ -49,9 +49,17 @@ from policy_trainer.plots import plot_training, plots_missing
 from policy_trainer.prefs import DataReport, EncodedPair, encode_pairs, read_preferences
 from policy_trainer.rm_eval import one_line, write_report
 from policy_trainer.rm_metrics import agreement, pairwise_accuracy
-from policy_trainer.rm_model import ensure_pad, forward_rewards, load_model, score_pairs
+from policy_trainer.rm_model import (
+    ensure_pad,
+    forward_rewards,
+    load_model,
+    recipe_of,
+    score_pairs,
+    use_recipe,
+)
 from policy_trainer.runlog import RunLog, progress_bar, read_log
 from protos.encoding import Encoder
+from protos.recipes import save_recipe
 
 
 @dataclass
@@ -72,6 +80,11 @@ class TrainConfig:
     """Fraction of --data lines held out for evaluation when --eval-data is not given."""
     max_length: int | None = None
     """Maximum tokens per sequence (default: the base's limit, at most its position table)."""
+    recipe: str | None = None
+    """Scoring recipe: how pairs become token ids (rm-server, trl, trl-grpo, openrlhf,
+    encoder-pair, or a JSON file); stored with the checkpoint (scoring_recipe.json) so that the
+    server applies the same. Default: the base's stored recipe, encoder-pair for encoders (BERT,
+    DeBERTa, ...), else rm-server."""
     truncation: Literal["left", "drop", "error"] = "left"
     """Over-long pairs: left keeps the end (the scored token) and counts them; drop skips them;
     error stops."""
@@ -215,12 +228,13 @@ def train(cfg: TrainConfig) -> int:
         model.config.use_cache = False
 
     # 1. data
+    recipe = use_recipe(model, cfg.recipe, source)  # training encodes and scores as served
     encoder = Encoder(tokenizer, max_length, model.config.get_text_config().vocab_size,
-                      truncation="left")
+                      truncation="left", recipe=recipe)
     train_set, eval_set, reports = load_data(cfg, encoder)
     fingerprint = {"data": reports["train"].file.sha256[:16], "num_train_pairs": len(train_set),
                    "eval_data": reports["eval"].file.sha256[:16] if cfg.eval_data else None,
-                   "batch_size": cfg.batch_size, "seed": cfg.seed}
+                   "batch_size": cfg.batch_size, "seed": cfg.seed, "recipe": recipe.name}
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     micro = cfg.micro_batch_size or cfg.batch_size
@@ -304,6 +318,7 @@ def finish(cfg, out: Path, model, tokenizer, train_set, eval_set, device, summar
              "num_samples": rewards.numel(), "split": split}
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    save_recipe(out, recipe_of(model))  # scoring_recipe.json: the server applies the same
     (out / "reward_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     no_plots = plots_missing()  # the checkpoint is written: a missing extra must not crash
     metrics = write_report(out, pairs, r_w, r_l, bins=10, title=f"{out.name} ({split} split)",

@@ -98,7 +98,13 @@ def run(command: str, argv: list[str], prog: str) -> int:
     """Run one subcommand with its flags; ``prog`` names it in messages (``rm-server train``
     hands over here with its own name)."""
     module, cfg_name, fn_name, _ = COMMANDS[command]
-    mod = importlib.import_module(module)
+    try:
+        mod = importlib.import_module(module)
+        import tyro  # noqa: F401  (the flag parser; in the [train] extra)
+    except ModuleNotFoundError as e:  # a client-only install: no torch, transformers, tyro
+        print(f"{prog}: error: training needs the [train] extra (no module {e.name!r}): "
+              "pip install 'rlhf-rm-service[train]'", file=sys.stderr)
+        return 2
     errors = RM_USER_ERRORS if command in ("rm", "rm-eval") else USER_ERRORS
     try:
         cfg = parse_config(getattr(mod, cfg_name), argv, prog, COMMANDS[command][3])

@@ -63,10 +63,14 @@ def parse_serve_config(argv: list[str]):
 
 
 def serve_main(argv: list[str]) -> int:
-    from rm_server.server import serve
-
     try:
+        from rm_server.server import serve
+
         cfg = parse_serve_config(argv)
+    except ModuleNotFoundError as e:  # a client-only install: no torch, transformers, tyro
+        print(f"rm-server serve: error: serving needs the [serve] extra (no module {e.name!r}): "
+              "pip install 'rlhf-rm-service[serve]'", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"rm-server serve: error: {e}", file=sys.stderr)
         return 2
@@ -101,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else 2
     if argv and argv[0] in ("train", "eval"):
-        print(f"rm-server {argv[0]}: error: the training side is not installed "
-              "(pip install 'rlhf-rm-service' with its training dependencies)", file=sys.stderr)
+        print(f"rm-server {argv[0]}: error: the training side is not installed: "
+              "pip install 'rlhf-rm-service[train]'", file=sys.stderr)
         return 2
     help_asked = argv[:1] in (["-h"], ["--help"])
     print(usage(found), file=sys.stdout if help_asked else sys.stderr)

@@ -162,3 +162,38 @@ def test_the_hook_refuses_what_a_light_install_lacks(server):
                            ",".join(sorted(CORE))], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "light install: torch" in proc.stderr, proc.stderr[-2000:]
+
+
+# A client-only install has the console scripts too: serve and train must say which extra
+# they need in one line instead of a ModuleNotFoundError traceback.
+CLI_WITHOUT_EXTRAS = r'''
+import importlib.abc, sys
+
+MISSING = {"torch", "transformers", "tyro", "yaml", "numpy", "tokenizers", "safetensors"}
+
+
+class NoExtras(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in MISSING:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoExtras())
+from rm_server.cli import main as rm_server_main
+from policy_trainer.cli import main as trainer_main
+
+codes = [rm_server_main(["serve", "--model", "m"]),
+         trainer_main(["sft", "--data", "d", "--base", "b", "--out", "o"])]
+sys.exit(10 * codes[0] + codes[1])
+'''
+
+
+def test_commands_without_their_extras_say_which_to_install_in_one_line():
+    out = subprocess.run([sys.executable, "-c", CLI_WITHOUT_EXTRAS], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 22, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 2, out.stderr
+    assert "rm-server serve: error:" in lines[0] and "[serve]" in lines[0]
+    assert "policy-trainer sft: error:" in lines[1] and "[train]" in lines[1]

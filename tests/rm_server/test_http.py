@@ -350,6 +350,52 @@ def test_http_and_grpc_clients_at_once_score_exactly(server, base, hf):
     assert after["rm_batch_size_count"] - before["rm_batch_size_count"] < 5 * len(pairs)
 
 
+def test_a_client_that_goes_away_cancels_its_samples(server, base):
+    """A disconnect cancels the handler (aiohttp's handler_cancellation): CANCELLED, and the
+    request's queued samples never reach the model."""
+    before = scrape(server)
+    body = {"input": [[7 + i % 100] * 128 for i in range(1024)]}
+
+    async def give_up():
+        timeout = aiohttp.ClientTimeout(total=0.1)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            with pytest.raises(asyncio.TimeoutError):
+                async with session.post(f"{base}/pooling", json=body) as r:
+                    await r.read()
+
+    asyncio.run(give_up())
+    key = "rm_requests_total{code=CANCELLED,method=/pooling}"
+    deadline = time.monotonic() + 20
+    while scrape(server).get(key, 0) == before.get(key, 0):
+        assert time.monotonic() < deadline, "the server never saw the client go"
+        time.sleep(0.05)
+    time.sleep(0.5)  # a batch in flight finishes; nothing after it starts
+    after = scrape(server)
+    assert after["rm_samples_total"] - before["rm_samples_total"] < 1024
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("openssl") is None,
+                    reason="needs curl and openssl")
+def test_https_with_the_grpc_ports_certificate(model_dir, tmp_path):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", "key.pem", "-out", "cert.pem"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    s = start_server(model_dir, "--http-port", "0", "--health-port", "0",
+                     "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key",
+                     str(tmp_path / "key.pem"))
+    try:
+        url = f"https://127.0.0.1:{s.http_port}/get_reward"
+        status, out = curl("--cacert", str(tmp_path / "cert.pem"), "-d", '{"query": ["a b"]}',
+                           url)
+        assert status == 200 and len(out["rewards"]) == 1
+        plain = subprocess.run(["curl", "-sS", "-d", "{}", url.replace("https", "http")],
+                               capture_output=True, text=True, timeout=30)
+        assert plain.returncode != 0 or "rewards" not in plain.stdout  # no plaintext door
+    finally:
+        assert s.stop() == 0, s.log()
+
+
 def test_routes_are_metric_series(server):
     fresh = scrape(server)
     for route in ("/get_reward", "/pooling", "/classify", "/v1/score", "/v1/model_info"):

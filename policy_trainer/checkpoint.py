@@ -4,7 +4,9 @@ servable output (:func:`checkpoint_root`).
 
 Each checkpoint is a loadable Hugging Face directory (model + tokenizer, ``save_pretrained``)
 plus ``trainer_state.pt``: the step, the state of every optimizer, scheduler and controller,
-the RNG states, the data cursor and the config it was written with. A checkpoint is written
+the RNG states, the data cursor and the config it was written with. A sharded or LoRA run
+writes its trained tensors and optimizer states with ``torch.distributed.checkpoint`` into
+``dcp/`` instead of the model (``scaling.py``). A checkpoint is written
 to a hidden ``.step-N.tmp`` directory and renamed into place, so a crash mid-write never
 leaves a half checkpoint that ``latest_checkpoint`` picks. With the data order a function of
 (seed, epoch) (``data.epoch_order``), that is all a resumed run needs to take the same steps
@@ -84,22 +86,43 @@ def find_resume_point(out: Path, resume: bool, *, fresh_if_none: bool,
 
 
 def save_checkpoint(root: str | Path, step: int, model, tokenizer, state: dict,
-                    keep: int = 2) -> Path:
-    """Write step-``step`` under ``root`` and delete all but the newest ``keep`` (0 keeps all)."""
+                    keep: int = 2, *, dist=None, write_shards=None) -> Path:
+    """Write step-``step`` under ``root`` and delete all but the newest ``keep`` (0 keeps all).
+
+    ``write_shards`` (a sharded or LoRA run: ``scaling.Run``): every rank of ``dist`` calls
+    this, each writes its shards with ``write_shards(tmp_dir)`` in place of
+    ``model.save_pretrained``, and rank 0 writes the rest and renames the directory."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    main = dist is None or dist.is_main
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if keep > 0:
-        for _step, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if write_shards is not None:
+        _barrier(dist)  # tmp exists before any rank writes into it
+        write_shards(tmp)
+        _barrier(dist)  # every shard is written before rank 0 renames
+    else:
+        model.save_pretrained(tmp)
+    if main:
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for _step, old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier(dist)
     return final
+
+
+def _barrier(dist) -> None:
+    if dist is not None and dist.enabled:
+        import torch.distributed
+
+        torch.distributed.barrier()
 
 
 def load_state(path: str | Path) -> dict:

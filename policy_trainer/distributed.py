@@ -1,14 +1,11 @@
-"""Data parallelism for the PPO trainer: torchrun's environment, gradient all-reduce, means.
+"""Several processes, one run: torchrun's environment, each rank's share of a batch, sums and
+means of logged numbers across ranks.
 
 Under ``torchrun --nproc_per_node N`` (RANK / WORLD_SIZE / LOCAL_RANK set) each process is one
-rank: it generates its share of the step's prompts, streams them to the shared RM, and trains
-on its own rollouts; gradients are averaged across ranks before each optimizer step, so every
-rank holds the same weights. Gloo on the CPU, NCCL on CUDA.
-
-Why not ``DistributedDataParallel``: our forward is the backbone plus ``token_logprobs`` on the
-LM head weight, outside the module's ``forward``, and a minibatch spans several micro-batches.
-One flat all-reduce per network per optimizer step is simpler to see correct (DDP's buckets
-would overlap it with the backward, which matters on GPUs at scale, not here).
+rank of a process group: gloo on the CPU, NCCL on CUDA (one GPU per rank, ``cuda:LOCAL_RANK``).
+The weights are sharded across the ranks with FSDP2 (``policy_trainer.sharding``); this module
+holds the rest of what the stages need to agree on: which examples each rank trains on, and
+the numbers they log (summed or averaged over ranks, so every rank logs the same).
 """
 
 from __future__ import annotations
@@ -45,23 +42,38 @@ def init_from_env(device_kind: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def all_reduce_grads(d: Dist, *modules: torch.nn.Module) -> None:
-    """Average the gradients of ``modules`` across ranks (one flat buffer per module)."""
+def rank_device(d: Dist, device: torch.device) -> torch.device:
+    """Under torchrun on CUDA each rank takes its own GPU, cuda:LOCAL_RANK."""
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def share(d: Dist, items: list) -> list:
+    """This rank's share of one step's ``items``: every world_size-th from its rank on.
+
+    Every rank gets the same count (FSDP needs the same number of forwards and backwards on
+    every rank, or its collectives hang): when ``len(items)`` is not a multiple of the world
+    size, the shorter shares are padded with the step's first items, as torch's
+    DistributedSampler pads an epoch. With equal shares, the mean over ranks of each rank's
+    mean is the mean over the step.
+    """
     if not d.enabled:
-        return
-    for m in modules:
-        params = [p for p in m.parameters() if p.requires_grad]
-        for p in params:  # a parameter unused on this rank still takes part: zeros
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= d.world_size
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
-            offset += n
+        return items
+    per_rank = -(-len(items) // d.world_size)
+    padded = items + items[: per_rank * d.world_size - len(items)]
+    return padded[d.rank::d.world_size]
+
+
+def share_counted(d: Dist, items: list) -> list[tuple[object, bool]]:
+    """:func:`share` for sums that must count each item once (an evaluation): (item, counted),
+    False on the padding, which a rank still runs (the collectives) and leaves out."""
+    if not d.enabled:
+        return [(x, True) for x in items]
+    per_rank = -(-len(items) // d.world_size)
+    positions = range(d.rank, per_rank * d.world_size, d.world_size)
+    return [(items[p % len(items)], p < len(items)) for p in positions]
 
 
 def sum_across(d: Dist, values: dict[str, float]) -> dict[str, float]:
@@ -70,8 +82,21 @@ def sum_across(d: Dist, values: dict[str, float]) -> dict[str, float]:
         return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def sum_tensor(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks (a copy; every rank gets the same)."""
+    if not d.enabled:
+        return t
+    out = t.clone()
+    if dist.get_backend() == "nccl":
+        out = out.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(out)
+    return out.to(t.device)
 
 
 def mean_across(d: Dist, values: dict[str, float]) -> dict[str, float]:
@@ -79,21 +104,6 @@ def mean_across(d: Dist, values: dict[str, float]) -> dict[str, float]:
     if not d.enabled:
         return values
     return {k: v / d.world_size for k, v in sum_across(d, values).items()}
-
-
-@torch.no_grad()
-def check_in_sync(d: Dist, *modules: torch.nn.Module) -> None:
-    """Raise if the ranks' weights diverged (a missed all-reduce would do it silently)."""
-    if not d.enabled:
-        return
-    local = torch.tensor([float(sum(p.double().sum() for p in m.parameters())) for m in modules],
-                         dtype=torch.float64)
-    lo, hi = local.clone(), local.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        raise RuntimeError(f"rank {d.rank}: weights differ across ranks (checksums {lo.tolist()} "
-                           f"to {hi.tolist()})")
 
 
 def barrier(d: Dist) -> None:

@@ -20,12 +20,14 @@ from transformers import get_constant_schedule_with_warmup, get_wsd_schedule
 Schedule = Literal["cosine", "linear", "constant"]
 
 
-def build_optimizer(model: torch.nn.Module, total_steps: int, *, lr: float,
+def build_optimizer(model, total_steps: int, *, lr: float,
                     schedule: Schedule, warmup_ratio: float, min_lr_ratio: float = 0.0,
                     weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                     eps: float = 1e-8):
-    """(AdamW over the trainable parameters of ``model``, its per-step lr schedule)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """(AdamW over the trainable parameters of ``model`` (a module, or the parameters
+    themselves: PPO's LoRA policy and critic share one module), its per-step lr schedule)."""
+    found = model.parameters() if isinstance(model, torch.nn.Module) else model
+    params = [p for p in found if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],

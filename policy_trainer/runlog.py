@@ -46,6 +46,16 @@ class RunLog:
         self.f.close()
 
 
+class NullLog:
+    """What ranks other than 0 write to: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_log(path: Path) -> list[dict]:
     """The records of a JSONL log (a torn last line is skipped)."""
     records = []

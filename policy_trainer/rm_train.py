@@ -57,13 +57,14 @@ from policy_trainer.rm_model import (
     score_pairs,
     use_recipe,
 )
-from policy_trainer.runlog import RunLog, progress_bar, read_log
+from policy_trainer.runlog import NullLog, RunLog, progress_bar, read_log
+from policy_trainer.scaling import Run, ScaleConfig
 from protos.encoding import Encoder
 from protos.recipes import save_recipe
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ScaleConfig):
     data: str
     """Preference data: JSONL, a Parquet file or a saved `datasets` directory; records
     {prompt, chosen, rejected[, margin]}, {chosen, rejected} (implicit prompt), chat message
@@ -130,8 +131,6 @@ class TrainConfig:
     """Seed for the split, the data order and the head initialization."""
     disable_dropout: bool = True
     """Turn dropout off (common for reward models; makes steps deterministic)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
     device: str = "auto"
     """Torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     threads: int | None = None
@@ -210,8 +209,9 @@ def train(cfg: TrainConfig) -> int:
     checkpoints = checkpoint.checkpoint_root(out, cfg.checkpoint_dir)
     resume_from = checkpoint.find_resume_point(out, cfg.resume, fresh_if_none=False,
                                                root=checkpoints)
-    device = pick_device(cfg.device, cfg.threads)
-    source = resume_from or base
+    run = Run(cfg, pick_device(cfg.device, cfg.threads))  # --dtype, --lora-*, FSDP2: scaling.py
+    device = run.device
+    source = run.weights_from(resume_from, base)
     tokenizer = AutoTokenizer.from_pretrained(source)
 
     # 2. model (first: the Encoder needs its vocabulary and limits)
@@ -222,10 +222,9 @@ def train(cfg: TrainConfig) -> int:
     if max_length > limit:
         raise UserError(f"--max-length {max_length} exceeds the model's limit of {limit} tokens")
     tokenizer.model_max_length = max_length  # saved with the tokenizer: serve and eval read it
-    model.to(device).train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    model = run.prepare(model, "SEQ_CLS").train()  # checkpointing, LoRA, bf16, FSDP2
 
     # 1. data
     recipe = use_recipe(model, cfg.recipe, source)  # training encodes and scores as served
@@ -252,17 +251,20 @@ def train(cfg: TrainConfig) -> int:
     # 3. optimizer; resume
     opt, sched = build_optimizer(model, total_steps, lr=cfg.lr, schedule=cfg.schedule,
                                  warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay)
-    stateful = {"optimizer": opt, "scheduler": sched}
+    run.register("model", model, opt)
+    stateful = run.stateful({"optimizer": opt, "scheduler": sched})
     start = 0
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
         if state["data"] != fingerprint:
             raise UserError(f"--resume: the data, batch size or seed differ from the run in "
                             f"{out} (was {state['data']}, now {fingerprint})")
+        run.load_shards(resume_from)
         start = checkpoint.restore(state, stateful)
         print(f"resume: from {source} at step {start}")
     out.mkdir(parents=True, exist_ok=True)
-    train_log = RunLog(out / "train_log.jsonl", start if resume_from else None)
+    train_log = (RunLog(out / "train_log.jsonl", start if resume_from else None)
+                 if run.dist.is_main else NullLog())
 
     # 4. the loop
     bar = progress_bar(total_steps, start, "train", cfg.progress)
@@ -270,16 +272,16 @@ def train(cfg: TrainConfig) -> int:
     for step in range(start, total_steps):
         epoch, batch_in_epoch = divmod(step, steps_per_epoch)
         batch = epoch_batch(len(train_set), cfg.batch_size, epoch, batch_in_epoch, cfg.seed)
-        stats = train_step(model, [train_set[i] for i in batch], cfg, micro, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        stats = run.mean(train_step(model, run.share([train_set[i] for i in batch]), cfg, micro,
+                                    device))  # each rank its share; FSDP2 averages gradients
+        grad_norm = run.clip_grad_norm(model.parameters(), cfg.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
         train_log.write({"split": "train", "step": done, "epoch": epoch, **stats, "lr": lr,
-                         "grad_norm": grad_norm.item(), "time": round(time.time() - t0, 3)})
+                         "grad_norm": grad_norm, "time": round(time.time() - t0, 3)})
         end_of_epoch = batch_in_epoch == steps_per_epoch - 1
         due = done % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
         if eval_set and (due or done == total_steps):
@@ -289,8 +291,8 @@ def train(cfg: TrainConfig) -> int:
             state = checkpoint.trainer_state(done, stateful, data=fingerprint,
                                              cursor=divmod(done, steps_per_epoch),
                                              config=asdict(cfg))
-            checkpoint.save_checkpoint(checkpoints, done, model, tokenizer, state,
-                                       cfg.keep_checkpoints)
+            run.save_checkpoint(checkpoints, done, model, tokenizer, state,
+                                cfg.keep_checkpoints)
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
         if bar.disable and cfg.log_every and done % cfg.log_every == 0:
@@ -303,12 +305,15 @@ def train(cfg: TrainConfig) -> int:
     finish(cfg, out, model, tokenizer, train_set, eval_set, device,
            {"data": {k: r.summary() for k, r in reports.items()}, "steps": total_steps,
             "max_length": max_length, "seconds": round(time.time() - t0, 1),
-            "config": asdict(cfg)})
+            "config": asdict(cfg)}, run)
+    run.close()
     return 0
 
 
-def finish(cfg, out: Path, model, tokenizer, train_set, eval_set, device, summary: dict) -> None:
-    """The servable checkpoint, normalization stats, evaluation and plots."""
+def finish(cfg, out: Path, model, tokenizer, train_set, eval_set, device, summary: dict,
+           run: Run) -> None:
+    """The servable checkpoint, normalization stats, evaluation and plots (every rank scores,
+    rank 0 writes)."""
     model.eval()
     split = "eval" if eval_set else "train"
     pairs = eval_set or train_set
@@ -316,7 +321,9 @@ def finish(cfg, out: Path, model, tokenizer, train_set, eval_set, device, summar
     rewards = torch.cat([r_w, r_l])
     stats = {"mean": rewards.mean().item(), "std": rewards.std(correction=0).item(),
              "num_samples": rewards.numel(), "split": split}
-    model.save_pretrained(out)
+    run.save_pretrained(model, out)  # plain, the LoRA adapter merged in: servable as it is
+    if not run.dist.is_main:
+        return
     tokenizer.save_pretrained(out)
     save_recipe(out, recipe_of(model))  # scoring_recipe.json: the server applies the same
     (out / "reward_stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -10,9 +10,14 @@ starts from the tokenizer's BOS, so its first response token is trained too
 (``sft_data.empty_prompt_ids``).
 
     policy-trainer sft --data demos.jsonl --base DIR --out DIR [--max-steps N] [--resume] ...
+    torchrun --nproc_per_node N -m policy_trainer.cli sft ...   (FSDP2 across N ranks)
 
 Writes OUT/checkpoints/step-N/ (resumable), OUT/train_log.jsonl, and at the end the fine-tuned
-model and tokenizer in OUT (``save_pretrained``: loads with AutoModelForCausalLM).
+model and tokenizer in OUT (``save_pretrained``: loads with AutoModelForCausalLM; with
+``--lora-r`` the adapter merged in). ``--dtype``, ``--gradient-checkpointing``, ``--lora-*``
+and sharding: ``scaling.py``. Under torchrun each rank trains on its share of every batch
+(``--micro-batch-size`` x ``--grad-accum-steps`` examples); the loss is still divided by the
+batch's target tokens over all ranks, so N ranks take the step one rank would.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from transformers.utils import logging as hf_logging
 from policy_trainer import checkpoint
 from policy_trainer.data import batch_indices, max_sequence_length, read_demos, split_eval
 from policy_trainer.device import pick_device
+from policy_trainer.distributed import share_counted
 from policy_trainer.errors import UserError
 from policy_trainer.optim import build_optimizer
-from policy_trainer.runlog import RunLog, progress_bar
+from policy_trainer.runlog import NullLog, RunLog, progress_bar
+from policy_trainer.scaling import Run, ScaleConfig
 from policy_trainer.sft_data import IGNORE_INDEX, Example, collate, encode_demos
 from protos.encoding import Encoder
 
@@ -43,7 +50,7 @@ log = logging.getLogger("policy_trainer.sft")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(ScaleConfig):
     data: str
     """Demonstrations JSONL: one {"prompt": str, "response": str} object per line."""
     base: str
@@ -58,9 +65,10 @@ class SFTConfig:
     eval_fraction: float = 0.05
     """Fraction of the demonstrations held out for the eval loss (0 for none)."""
     micro_batch_size: int = 8
-    """Examples per forward/backward pass."""
+    """Examples per forward/backward pass (on each rank under torchrun)."""
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step (batch size = micro_batch_size * grad_accum_steps)."""
+    """Micro-batches per optimizer step (batch size = micro_batch_size * grad_accum_steps,
+    times the ranks under torchrun)."""
     epochs: float = 1.0
     """Passes over the training split; ignored when --max-steps is set."""
     max_steps: int | None = None
@@ -106,6 +114,7 @@ class SFTConfig:
 
     @property
     def batch_size(self) -> int:
+        """Examples per optimizer step on one rank."""
         return self.micro_batch_size * self.grad_accum_steps
 
     def validate(self) -> None:
@@ -144,33 +153,42 @@ def micro_batches(examples: list[Example], size: int, pad_id: int, device):
 
 
 def train_step(model, optimizer, examples: list[Example], cfg: SFTConfig, pad_id: int,
-               device) -> tuple[float, float, int]:
-    """One optimizer step over ``examples``; returns (loss, grad_norm, target tokens)."""
-    n_tokens = num_targets(examples)
+               run: Run) -> tuple[float, float, int]:
+    """One optimizer step over ``examples`` (all ranks' together; this rank trains on its
+    share); returns (loss, grad_norm, target tokens)."""
+    mine = run.share(examples)
+    n_tokens = int(run.total({"n": num_targets(mine)})["n"])
     total = 0.0
-    for batch in micro_batches(examples, cfg.micro_batch_size, pad_id, device):
+    for batch in micro_batches(mine, cfg.micro_batch_size, pad_id, run.device):
         loss_sum = token_loss_sum(model, batch)
-        (loss_sum / n_tokens).backward()
+        # FSDP averages gradients over ranks: times world_size, the step's gradient is the
+        # gradient of (the summed loss of every rank) / (every rank's target tokens)
+        (loss_sum * (run.dist.world_size / n_tokens)).backward()
         total += loss_sum.item()  # CPU-GPU sync, once per micro-batch
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # inf: measure only
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    grad_norm = run.clip_grad_norm(model.parameters(), cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / n_tokens, grad_norm, n_tokens
+    return run.total({"loss": total})["loss"] / n_tokens, grad_norm, n_tokens
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], cfg: SFTConfig, pad_id: int, device) -> float:
+def evaluate(model, examples: list[Example], cfg: SFTConfig, pad_id: int, run: Run) -> float:
+    """Mean loss per target token; under torchrun each rank scores its share of the
+    micro-batches (a rank short of one runs a padding batch and leaves it out)."""
     model.eval()
-    total = sum(token_loss_sum(model, b).item()
-                for b in micro_batches(examples, cfg.micro_batch_size, pad_id, device))
+    batches = list(micro_batches(examples, cfg.micro_batch_size, pad_id, run.device))
+    total = 0.0
+    for batch, counted in share_counted(run.dist, batches):
+        loss_sum = token_loss_sum(model, batch).item()
+        total += loss_sum if counted else 0.0
     model.train()
-    return total / num_targets(examples)
+    return run.total({"loss": total})["loss"] / num_targets(examples)
 
 
 # ---------------------------------------------------------------- setup
 
 def load_tokenizer_and_model(base: str, weights: Path | None, device):
+    """The tokenizer from ``base``, the causal LM from ``weights`` (default ``base``), fp32."""
     if not Path(base).is_dir():
         raise UserError(f"--base {base}: no such directory")
     try:
@@ -214,7 +232,8 @@ def check_resume(state: dict, cfg: SFTConfig, data_sha256: str) -> None:
     if state["data_sha256"] != data_sha256:
         raise UserError(f"{cfg.data} changed since the checkpoint was written; "
                         "resume needs the same data")
-    ignore = {"resume", "progress", "log_every", "torch_threads", "device"}
+    ignore = {"resume", "progress", "log_every", "torch_threads", "device",
+              "gradient_checkpointing"}
     changed = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
                if k not in ignore and getattr(cfg, k, v) != v}
     if changed:
@@ -226,13 +245,15 @@ def check_resume(state: dict, cfg: SFTConfig, data_sha256: str) -> None:
 def train_sft(cfg: SFTConfig) -> int:
     cfg.validate()
     hf_logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars drown the log
-    device = pick_device(cfg.device, cfg.torch_threads)
+    run = Run(cfg, pick_device(cfg.device, cfg.torch_threads))
+    main = run.dist.is_main
     torch.manual_seed(cfg.seed)
     out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
     resume_from = checkpoint.find_resume_point(out, cfg.resume, fresh_if_none=True)
 
     # 1. model, tokenizer and data (tokenized with the RM's Encoder, at most the model's length)
-    tokenizer, model = load_tokenizer_and_model(cfg.base, resume_from, device)
+    tokenizer, model = load_tokenizer_and_model(cfg.base, run.weights_from(resume_from, cfg.base),
+                                                run.device)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # padding is masked by attention_mask and labels, so any id will do
         pad_id = tokenizer.eos_token_id
@@ -243,39 +264,47 @@ def train_sft(cfg: SFTConfig) -> int:
     examples, counts, data_sha256 = load_examples(cfg, tokenizer, model.config.vocab_size,
                                                   max_length)
     train_set, eval_set = split_eval(examples, cfg.eval_fraction, cfg.seed)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
+    batch_size = cfg.batch_size * run.dist.world_size
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / batch_size)
+    model = run.prepare(model, "CAUSAL_LM")  # checkpointing, LoRA, bf16, FSDP2 (scaling.py)
 
     # 2. optimizer, schedule and, on resume, their state, the RNG and the data cursor
     optimizer, scheduler = build_optimizer(
         model, total_steps, lr=cfg.lr, schedule=cfg.lr_schedule, warmup_ratio=cfg.warmup_ratio,
         min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    stateful = {"optimizer": optimizer, "scheduler": scheduler}
+    run.register("model", model, optimizer)
+    stateful = run.stateful({"optimizer": optimizer, "scheduler": scheduler})
     step = cursor = 0
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
         check_resume(state, cfg, data_sha256)
+        run.load_shards(resume_from)
         step, cursor = checkpoint.restore(state, stateful), state["cursor"]
         log.info("resumed from %s (step %d)", resume_from, step)
-    out.mkdir(parents=True, exist_ok=True)
-    train_log = RunLog(out / "train_log.jsonl", step if resume_from else None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    train_log = (RunLog(out / "train_log.jsonl", step if resume_from else None) if main
+                 else NullLog())
     train_log.write({"event": "start", "step": step, "total_steps": total_steps,
-                     "n_train": len(train_set), "n_eval": len(eval_set), **counts})
+                     "n_train": len(train_set), "n_eval": len(eval_set),
+                     "world_size": run.dist.world_size, **counts})
 
     def save(step: int) -> None:
         state = checkpoint.trainer_state(step, stateful, cursor=cursor,
                                          config=dataclasses.asdict(cfg), data_sha256=data_sha256)
-        checkpoint.save_checkpoint(ckpt_root, step, model, tokenizer, state, cfg.keep_checkpoints)
+        run.save_checkpoint(ckpt_root, step, model, tokenizer, state, cfg.keep_checkpoints)
 
     # 3. train: one optimizer step per batch of micro_batch_size * grad_accum_steps examples
+    # on each rank
     model.train()
-    bar = progress_bar(total_steps, step, "sft", cfg.progress)
+    bar = progress_bar(total_steps, step, "sft", cfg.progress and main)
     while step < total_steps:
         t0 = time.perf_counter()
-        idx = batch_indices(len(train_set), cursor, cfg.batch_size, cfg.seed)
+        idx = batch_indices(len(train_set), cursor, batch_size, cfg.seed)
         lr = scheduler.get_last_lr()[0]
         loss, grad_norm, n_tokens = train_step(model, optimizer, [train_set[i] for i in idx],
-                                               cfg, pad_id, device)
+                                               cfg, pad_id, run)
         scheduler.step()
         step, cursor = step + 1, cursor + len(idx)
         train_log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -283,10 +312,10 @@ def train_sft(cfg: SFTConfig) -> int:
                          "step_s": time.perf_counter() - t0})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if bar.disable and cfg.log_every and step % cfg.log_every == 0:
+        if main and bar.disable and cfg.log_every and step % cfg.log_every == 0:
             log.info("step %d/%d loss %.4f lr %.2e", step, total_steps, loss, lr)
         if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            eval_loss = evaluate(model, eval_set, cfg, pad_id, device)
+            eval_loss = evaluate(model, eval_set, cfg, pad_id, run)
             train_log.write({"step": step, "eval_loss": eval_loss})
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save(step)
@@ -294,13 +323,16 @@ def train_sft(cfg: SFTConfig) -> int:
 
     # 4. final eval, checkpoint and model
     if eval_set:
-        eval_loss = evaluate(model, eval_set, cfg, pad_id, device)
+        eval_loss = evaluate(model, eval_set, cfg, pad_id, run)
         train_log.write({"step": step, "eval_loss": eval_loss})
-        log.info("eval loss %.4f after %d steps", eval_loss, step)
+        if main:
+            log.info("eval loss %.4f after %d steps", eval_loss, step)
     if checkpoint.latest_checkpoint(ckpt_root) != ckpt_root / f"step-{step}":
         save(step)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    run.save_pretrained(model, out)  # gathered to rank 0, the LoRA adapter merged in
+    if main:
+        tokenizer.save_pretrained(out)
+        log.info("wrote the fine-tuned model to %s", out)
     train_log.close()
-    log.info("wrote the fine-tuned model to %s", out)
+    run.close()
     return 0

@@ -14,6 +14,13 @@ Separate networks rather than one backbone with two heads (TRL's old ValueHead m
 
 The cost is a second backbone in memory and one more forward/backward per micro-batch. A PPO
 checkpoint (:class:`PolicyAndValue`) holds the policy at the top and the critic in ``value/``.
+
+With LoRA (``--lora-r``) the critic is its own adapter ("value") and this scalar head on the
+policy's frozen base (``ppo_nets.py``): the trunk is frozen, so the value loss still cannot
+move the policy (each adapter has its own weights and optimizer), and the second backbone
+costs r/H of one instead of a copy. A value head alone on the frozen SFT features would be
+cheaper still, but a linear read-out of features nobody trains for value is a weak critic;
+one on the policy's adapted features would let the value loss train the policy.
 """
 
 from __future__ import annotations
@@ -61,7 +68,12 @@ class ValueModel(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         self.backbone.save_pretrained(path)
-        torch.save(self.head.state_dict(), path / VALUE_HEAD_FILE)
+        self.write_head(path, self.head.state_dict())
+
+    @staticmethod
+    def write_head(path: Path, head_state: dict) -> None:
+        """The scalar head beside a saved backbone, and a note saying how to load the two."""
+        torch.save(head_state, path / VALUE_HEAD_FILE)
         (path / "README.txt").write_text(
             "PPO critic: a transformers backbone (AutoModel.from_pretrained here) plus a scalar "
             f"head in {VALUE_HEAD_FILE} (nn.Linear(hidden, 1) state dict).\n")
@@ -69,7 +81,13 @@ class ValueModel(nn.Module):
     def forward(self, query_responses: torch.Tensor, attention_mask: torch.Tensor,
                 context_length: int) -> torch.Tensor:
         hidden = response_hidden(self.backbone, query_responses, attention_mask, context_length)
-        return self.head(hidden.float()).squeeze(-1)  # (B, R)
+        return values_from(self.head, hidden)
+
+
+def values_from(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """V = head(h) in fp32, autocast or not: (B, R, H) -> (B, R)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.float()).squeeze(-1)
 
 
 class PolicyAndValue:

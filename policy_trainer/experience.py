@@ -3,8 +3,10 @@
  1. generate: sample a chunk of responses, cut at EOS / the stop token (rollout.py);
  2. score: send the chunk to the RM on its own ScoreStream at once (scoring.py); the server
     scores chunk k while we generate chunk k+1 and run step 3 on chunk k;
- 3. reference: log-probs of the frozen reference and of the rollout policy, and the critic's
-    values, for the chunk (logprobs.py, critic.py).
+ 3. reference: log-probs of the frozen reference and the critic's values, for the chunk
+    (ppo_nets.py); then, once every chunk is out, the rollout policy's log-probs, in the
+    layout the first PPO epoch trains on (ppo_update.py: so the ratio starts at exactly 1),
+    while the RM scores the last chunks.
 
 Then the scores are collected. A rollout the RM finally failed on gets a NaN score: the loop
 masks it out of everything after (zero weight in every loss and in whitening) and counts it;
@@ -18,19 +20,22 @@ import math
 import torch
 
 from policy_trainer import rollout
-from policy_trainer.logprobs import response_logprobs
 from policy_trainer.metrics import PhaseTimer
 from policy_trainer.ppo_config import PPOConfig
+from policy_trainer.ppo_nets import Nets
 from policy_trainer.ppo_setup import Models, Prompts
+from policy_trainer.ppo_update import rollout_logprobs
 from policy_trainer.rollout import Rollouts
 from policy_trainer.scoring import Collected, RMScorer, make_sample
 
 
 def generate_and_score(step: int, prompt_rows: list[int], models: Models, prompts: Prompts,
                        scorer: RMScorer, rm_input: str, cfg: PPOConfig, rank: int,
-                       device: torch.device, timer: PhaseTimer):
+                       device: torch.device, timer: PhaseTimer,
+                       micro_batches: list[torch.Tensor]):
     """Steps 1-3 for this rank's ``prompt_rows``: (rollouts with log-probs and values,
-    scores (B,) with NaN where the RM failed, what the RM answered)."""
+    scores (B,) with NaN where the RM failed, what the RM answered). ``micro_batches``: the
+    first PPO epoch's layout of the rollouts (row indices)."""
     gen_config = rollout.sampling_config(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                          cfg.top_p, models.stop_ids, models.pad_id)
     chunks, sample_ids, scored = [], [], Collected({}, {}, [])
@@ -38,7 +43,7 @@ def generate_and_score(step: int, prompt_rows: list[int], models: Models, prompt
         rows = prompt_rows[start: start + cfg.generation_batch_size]
         with timer("generate"):  # 1.
             seed = rollout.step_seed(cfg.seed, step, rank, chunk)
-            rollouts = rollout.generate(models.policy, [prompts.ids[i] for i in rows], rows,
+            rollouts = rollout.generate(models.nets.policy, [prompts.ids[i] for i in rows], rows,
                                         gen_config, models.stop_ids, models.pad_id, seed, device)
         ids = [f"s{step}-r{rank}-{start + j}" for j in range(len(rows))]
         scorer.submit(rm_samples(rollouts, ids, rm_input, models, prompts))  # 2. answered later
@@ -46,14 +51,17 @@ def generate_and_score(step: int, prompt_rows: list[int], models: Models, prompt
             with timer("score"):
                 scored.merge(scorer.collect())
         with timer("reference"):  # 3. while the RM scores
-            reference_forwards(rollouts, models, cfg.temperature)
+            reference_forwards(rollouts, models.nets, cfg.temperature)
         chunks.append(rollouts)
         sample_ids += ids
+    rollouts = rollout.concat(chunks, models.pad_id)
+    with timer("reference"):  # 3b. while the RM scores the last chunks
+        rollout_logprobs(rollouts, models.nets, cfg, micro_batches)
     with timer("score"):  # only the time spent waiting on the RM
         scored.merge(scorer.collect())
     scores = torch.tensor([scored.results[i].reward if i in scored.results else math.nan
                            for i in sample_ids], dtype=torch.float32, device=device)  # (B,)
-    return rollout.concat(chunks, models.pad_id), scores, scored
+    return rollouts, scores, scored
 
 
 def rm_samples(rollouts: Rollouts, sample_ids: list[str], rm_input: str, models: Models,
@@ -71,12 +79,12 @@ def rm_samples(rollouts: Rollouts, sample_ids: list[str], rm_input: str, models:
 
 
 @torch.no_grad()
-def reference_forwards(rollouts: Rollouts, models: Models, temperature: float) -> None:
-    """3. Log-probs of the reference and of the rollout policy, and values: (B, R) each."""
+def reference_forwards(rollouts: Rollouts, nets: Nets, temperature: float) -> None:
+    """3. Log-probs of the reference, and the critic's values: (B, R) each."""
     args = (rollouts.query_responses, rollouts.attention_mask, rollouts.context_length)
-    rollouts.ref_logprobs = response_logprobs(models.reference, *args, temperature)
-    rollouts.logprobs = response_logprobs(models.policy, *args, temperature)
-    rollouts.values = models.critic(*args)
+    rollouts.ref_logprobs = nets.ref_logprobs(*args, temperature=temperature)
+    with nets.critic_scope():
+        rollouts.values = nets.values(*args)
 
 
 def rollout_texts(rollouts: Rollouts, scores: torch.Tensor, step: int, n: int, models: Models,

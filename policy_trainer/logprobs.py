@@ -7,6 +7,14 @@ vocabulary of 150k and 2k-token rollouts that is the difference between ~1 GB of
 sequence and a few MB. ``check_logprob_path`` compares the path against the model's own
 forward once at start-up, so an architecture whose head does more than ``W·h + b`` (logit
 soft-capping, logit scaling) is refused instead of trained on wrong numbers.
+
+In bf16 (``--dtype bfloat16``) the backbone runs under autocast, and the head does not: the
+kernel runs with autocast off, hidden states in the head weight's dtype (fp32: trainable
+weights and LM heads are stored fp32, ``precision.py``) and fp32 accumulation, so the
+log-softmax over the vocabulary never sees a bf16 logit. What rounding is left comes from the
+backbone, and depends on the batch's layout (rows, padding): the PPO step computes the
+rollout policy's log-probs in the layout its first epoch trains on (``ppo_update.py``), so
+the ratio at the first minibatch is exactly 1.
 """
 
 from __future__ import annotations
@@ -42,8 +50,10 @@ def response_logprobs(model, query_responses: torch.Tensor, attention_mask: torc
     hidden = response_hidden(model.base_model, query_responses, attention_mask, context_length)
     head = model.get_output_embeddings()
     targets = query_responses[:, context_length:]  # (B, R)
-    return token_logprobs(hidden, head.weight, targets, lm_head_bias=head.bias,
-                          temperature=temperature, return_entropy=with_entropy)
+    with torch.autocast(hidden.device.type, enabled=False):  # the head in its own dtype
+        return token_logprobs(hidden.to(head.weight.dtype), head.weight, targets,
+                              lm_head_bias=head.bias, temperature=temperature,
+                              return_entropy=with_entropy)
 
 
 @torch.no_grad()

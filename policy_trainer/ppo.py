@@ -54,6 +54,27 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return whitened * mask.to(x.dtype)
 
 
+def masked_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(count, Σx, Σx²) over the mask, float64: what whitening needs, summable across ranks."""
+    m = mask.to(torch.float64)
+    x = x.to(torch.float64)
+    return torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])  # (3,)
+
+
+def whiten_from_sums(x: torch.Tensor, mask: torch.Tensor, sums: torch.Tensor,
+                     shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`masked_whiten` with the mean and (Bessel-corrected) variance of ``sums`` from
+    :func:`masked_sums`, e.g. summed over every rank's batch: whitening over the global batch,
+    the same whatever the number of ranks."""
+    n, total, total_sq = sums.tolist()  # CPU-GPU sync: three numbers
+    mean = total / max(n, 1.0)
+    var = max(total_sq / max(n, 1.0) - mean * mean, 0.0) * n / max(n - 1.0, 1.0)
+    whitened = (x - mean) * (var + eps) ** -0.5
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
 def first_true_indices(bools: torch.Tensor, dtype=torch.long) -> torch.Tensor:
     """Index of the first True in each row of (B, T); T where a row has none (cleanrl)."""
     row_len = bools.size(-1)

@@ -1,6 +1,8 @@
 """``PPOConfig``: every setting of ``policy-trainer ppo``, one docstring each (they are the
 ``--help``). Sizes: ``batch_size`` and ``mini_batch_size`` count rollouts across all ranks;
-``micro_batch_size`` and ``generation_batch_size`` are per rank. Defaults follow the common
+``micro_batch_size`` and ``generation_batch_size`` are per rank. ``--dtype``, ``--lora-*``,
+``--gradient-checkpointing`` and FSDP2 under torchrun: ``scaling.py`` and ``ppo_nets.py``.
+Defaults follow the common
 PPO-RLHF recipe (cleanrl's summarize_from_feedback_details, Huang et al. 2024): clip 0.2,
 value clip 0.2, γ = 1, λ = 0.95, 4 epochs, k1 KL, Adam ε = 1e-5 and a linearly annealed
 learning rate.
@@ -12,11 +14,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from policy_trainer.errors import UserError
+from policy_trainer.scaling import ScaleConfig
 from rm_client import AddressError, parse_targets
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(ScaleConfig):
     policy: str
     """Initial policy: a causal LM directory (Hugging Face format, with its tokenizer), e.g. the SFT
     output."""
@@ -29,7 +32,7 @@ class PPOConfig:
     """Output directory: final policy (+ value/), train_log.jsonl, tensorboard/, checkpoints/."""
     reference: str | None = None
     """Frozen reference model for the KL penalty (default: --policy, the initial policy). Must share
-    the policy's tokenizer."""
+    the policy's tokenizer. With --lora-r the reference is the --policy base, adapters off."""
     rm_input: Literal["auto", "tokens", "text", "chat"] = "auto"
     """What goes on the wire: auto = token ids when the server's tokenizer fingerprint equals ours,
     else text; chat = user/assistant messages."""
@@ -103,6 +106,9 @@ class PPOConfig:
     normalize_reward: bool = False
     """(score - mean) / std with the server's reward statistics (ModelInfo) before penalties and
     clipping."""
+    whiten_rewards: bool = False
+    """Divide the per-token rewards by their std over the step's batch, every rank's rollouts
+    together, keeping their mean (cleanrl's whiten_rewards)."""
     reward_clip: float | None = None
     """Clip the (normalized, penalized) score to [-c, c] before adding it to the last token."""
     gamma: float = 1.0

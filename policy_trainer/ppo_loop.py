@@ -14,10 +14,16 @@ of the step's prompts), numbered as in the loop below:
  4. rewards: R_t = -β·KL_t per token, plus the (normalized, penalized, clipped) score on the
     last response token (ppo.compute_rewards);
  5. GAE(γ, λ) over the response tokens: advantages and returns (ppo.gae);
- 6. whiten the advantages over the batch's training tokens (ppo.masked_whiten);
+ 6. whiten the advantages over the step's training tokens, every rank's together
+    (ppo.whiten_from_sums);
  7. PPO epochs × minibatches × micro-batches: clipped policy loss, clipped value loss,
-    entropy bonus; gradients averaged across ranks, clipped per network; both AdamWs step;
+    entropy bonus; gradients averaged across ranks, clipped per network; both AdamWs step
+    (ppo_update.py);
  8. β update (adaptive KL), log (JSONL, TensorBoard, Prometheus), checkpoint.
+
+Under torchrun the networks are sharded with FSDP2 and each rank trains on its own rollouts;
+``--dtype``, ``--lora-*`` and ``--gradient-checkpointing`` are ``scaling.py``'s, the networks
+they make ``ppo_nets.py``'s.
 
 Randomness is a function of (seed, step, rank): sampling seeds and minibatch permutations are
 derived per step, so a run resumed from a checkpoint (policy, critic, optimizers, schedulers,
@@ -31,31 +37,30 @@ import logging
 import math
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
 
-from policy_trainer import checkpoint, distributed, ppo, rollout
-from policy_trainer.critic import PolicyAndValue
+from policy_trainer import checkpoint, distributed, ppo, ppo_nets
 from policy_trainer.data import batch_indices
 from policy_trainer.device import pick_device
 from policy_trainer.errors import UserError
 from policy_trainer.experience import generate_and_score, rollout_texts
-from policy_trainer.logprobs import response_logprobs
 from policy_trainer.metrics import PHASES, PhaseTimer, PPOMetrics
 from policy_trainer.ppo_config import PPOConfig
 from policy_trainer.ppo_setup import (
-    Models,
+    build_nets,
     build_optimizers,
     check_policy_head,
     connect_rm,
     load_models,
     load_prompts,
 )
+from policy_trainer.ppo_update import layout, ppo_update
 from policy_trainer.rollout import Rollouts
 from policy_trainer.runlog import StepLog, progress_bar
+from policy_trainer.scaling import Run
 from policy_trainer.scoring import RMError
 
 __all__ = ["PPOConfig", "train_ppo"]
@@ -66,46 +71,52 @@ def train_ppo(cfg: PPOConfig) -> int:
     cfg.validate()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    device = pick_device(cfg.device, cfg.torch_threads)
-    dist = distributed.init_from_env(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    closers: list = []  # what run opened, closed in reverse whatever happens
+    run = Run(cfg, pick_device(cfg.device, cfg.torch_threads))
+    closers: list = []  # what the run opened, closed in reverse whatever happens
     try:
-        return run(cfg, dist, device, closers)
+        return train(cfg, run, closers)
     except RMError as e:
         print(f"policy-trainer ppo: error: {e}", file=sys.stderr)
         return 1
     finally:
         for close in reversed(closers):
             close()
-        distributed.shutdown(dist)
+        run.close()
 
 
-def run(cfg: PPOConfig, dist: distributed.Dist, device: torch.device, closers: list) -> int:
+def train(cfg: PPOConfig, run: Run, closers: list) -> int:
+    dist, device = run.dist, run.device
     local_batch_size, local_mini_batch_size = cfg.local_sizes(dist.world_size)
     out = Path(cfg.out)
     resume_from = checkpoint.find_resume_point(out, cfg.resume, fresh_if_none=True)
 
     # 0. models (policy, frozen reference, critic), prompts, the RM; optimizers, schedules and
     # the KL controller; on resume their state, the RNG and the prompt cursor
-    models = load_models(cfg, resume_from, device)
+    models = load_models(cfg, run, resume_from)
     prompts = load_prompts(cfg, models)
     check_policy_head(cfg, models, prompts, device)
+    build_nets(cfg, run, models)
+    nets = models.nets
     scorer, rm_input, reward_norm = connect_rm(cfg, models)
     closers.append(scorer.close)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(prompts.ids) / cfg.batch_size)
-    stateful = build_optimizers(cfg, models, total_steps)
-    optimizers = (stateful["optimizer"], stateful["value_optimizer"])
-    schedulers = (stateful["scheduler"], stateful["value_scheduler"])
-    kl_ctl = stateful["kl_controller"]
+    everything = build_optimizers(cfg, models, total_steps)
+    optimizers = (everything["optimizer"], everything["value_optimizer"])
+    schedulers = (everything["scheduler"], everything["value_scheduler"])
+    kl_ctl = everything["kl_controller"]
+    if nets.shared:  # LoRA: one module, both optimizers
+        run.register("nets", nets.policy, *optimizers)
+    else:
+        run.register("policy", nets.policy, optimizers[0])
+        run.register("critic", nets.critic, optimizers[1])
+    stateful = run.stateful(everything)
     step = cursor = 0
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
         if state["data_sha256"] != prompts.sha256:
             raise UserError(f"{cfg.prompts} changed since the checkpoint; "
                             "resume needs the same prompts")
+        run.load_shards(resume_from)
         step, cursor = checkpoint.restore(state, stateful), state["cursor"]
         log.info("resumed from %s (step %d)", resume_from, step)
     if dist.is_main:
@@ -115,15 +126,11 @@ def run(cfg: PPOConfig, dist: distributed.Dist, device: torch.device, closers: l
                         "rm_input": rm_input})
 
     def save(step: int) -> None:
-        distributed.check_in_sync(dist, models.policy, models.critic)
-        if dist.is_main:
-            state = checkpoint.trainer_state(step, stateful, cursor=cursor,
-                                             config=dataclasses.asdict(cfg),
-                                             data_sha256=prompts.sha256)
-            checkpoint.save_checkpoint(out / "checkpoints", step,
-                                       PolicyAndValue(models.policy, models.critic),
-                                       models.tokenizer, state, cfg.keep_checkpoints)
-        distributed.barrier(dist)
+        state = checkpoint.trainer_state(step, stateful, cursor=cursor,
+                                         config=dataclasses.asdict(cfg),
+                                         data_sha256=prompts.sha256)
+        run.save_checkpoint(out / "checkpoints", step, ppo_nets.plain_checkpoint(nets),
+                            models.tokenizer, state, cfg.keep_checkpoints)
 
     bar = progress_bar(total_steps, step, "ppo", dist.is_main and cfg.progress)
     retries_seen = 0
@@ -132,9 +139,13 @@ def run(cfg: PPOConfig, dist: distributed.Dist, device: torch.device, closers: l
         prompt_rows = batch_indices(len(prompts.ids), cursor, cfg.batch_size, cfg.seed)
         prompt_rows = prompt_rows[dist.rank * local_batch_size:(dist.rank + 1) * local_batch_size]
 
-        # 1-3. generate, score on the RM, reference log-probs and values (chunk by chunk)
+        # 1-3. generate, score on the RM, reference log-probs and values (chunk by chunk), the
+        # rollout policy's log-probs in the layout of the first PPO epoch
+        first_epoch = [mb for mini in layout(local_batch_size, cfg, local_mini_batch_size, step,
+                                             dist.rank, 0) for mb in mini]
         rollouts, scores, scored = generate_and_score(step, prompt_rows, models, prompts, scorer,
-                                                      rm_input, cfg, dist.rank, device, timer)
+                                                      rm_input, cfg, dist.rank, device, timer,
+                                                      first_epoch)
         counts = distributed.sum_across(dist, {
             "rollouts": len(rollouts), "scored": len(scored.results),
             "failed_samples": len(scored.failed),
@@ -145,14 +156,15 @@ def run(cfg: PPOConfig, dist: distributed.Dist, device: torch.device, closers: l
                           f"{int(counts['rollouts'])} rollouts failed to score "
                           f"(> --max-failed-fraction {cfg.max_failed_fraction})")
 
-        # 4-6. rewards with the KL penalty, GAE, whitened advantages
+        # 4-6. rewards with the KL penalty, GAE, advantages whitened over every rank's batch
         kl_coef, lr = kl_ctl.value, schedulers[0].get_last_lr()[0]
-        sums, explained_var = rewards_and_advantages(rollouts, scores, kl_coef, reward_norm, cfg)
+        sums, explained_var = rewards_and_advantages(rollouts, scores, kl_coef, reward_norm, cfg,
+                                                     dist)
         sums = distributed.sum_across(dist, sums)
 
         # 7. PPO epochs × minibatches (skipped, never zero-filled, if nothing was scored)
         with timer("train"):
-            train_stats = (ppo_update(rollouts, models, optimizers, cfg, dist, step,
+            train_stats = (ppo_update(rollouts, nets, optimizers, cfg, run, step,
                                       local_mini_batch_size) if sums["n_valid"] > 0 else {})
         for scheduler in schedulers:
             scheduler.step()
@@ -185,8 +197,8 @@ def run(cfg: PPOConfig, dist: distributed.Dist, device: torch.device, closers: l
     # the final checkpoint and model
     if checkpoint.latest_checkpoint(out / "checkpoints") != out / "checkpoints" / f"step-{step}":
         save(step)
+    ppo_nets.save_pretrained(run, nets, out)  # plain: gathered, adapters merged
     if dist.is_main:
-        PolicyAndValue(models.policy, models.critic).save_pretrained(out)
         models.tokenizer.save_pretrained(out)
         log.info("wrote the policy to %s (critic in %s)", out, out / "value")
     return 0
@@ -195,11 +207,17 @@ def run(cfg: PPOConfig, dist: distributed.Dist, device: torch.device, closers: l
 # ---------------------------------------------------------------- steps 4-6
 
 def rewards_and_advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: float,
-                           reward_norm: tuple[float, float], cfg: PPOConfig
-                           ) -> tuple[dict, float]:
+                           reward_norm: tuple[float, float], cfg: PPOConfig,
+                           dist: distributed.Dist | None = None) -> tuple[dict, float]:
     """Steps 4-6 on the rows the RM scored, attached to ``rollouts`` (rewards, advantages,
     returns, train_mask); returns (sums over the scored rows for the log, divided once summed
-    across ranks; the critic's explained variance)."""
+    across ranks; the critic's explained variance).
+
+    Every statistic that shapes the update is global: the score normalization uses the RM's
+    statistics (the same on every rank), and the reward whitening (--whiten-rewards) and the
+    advantage whitening use the mean and variance over every rank's training tokens, so N
+    ranks compute the advantages one rank would on the whole batch."""
+    dist = dist or distributed.Dist()
     valid = ~torch.isnan(scores)  # (B,) rows the RM answered
     mask = rollouts.response_mask.bool() & valid[:, None]  # (B, R) the training mask
     logprobs, ref_logprobs, values = rollouts.logprobs, rollouts.ref_logprobs, rollouts.values
@@ -213,11 +231,15 @@ def rewards_and_advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: fl
         rewards[valid], kl[valid] = ppo.compute_rewards(
             score[valid], logprobs[valid], ref_logprobs[valid], rollouts.response_mask[valid],
             kl_coef, cfg.kl_estimator, cfg.reward_clip)
+    if cfg.whiten_rewards:
+        total = distributed.sum_tensor(dist, ppo.masked_sums(rewards, mask))
+        rewards = ppo.whiten_from_sums(rewards, mask, total, shift_mean=False)
     # 5. GAE: advantages, and returns (the value targets)
     advantages, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
     # 6. whiten the advantages (padding and failed rows stay 0)
     rollouts.rewards, rollouts.returns, rollouts.train_mask = rewards, returns, mask.long()
-    rollouts.advantages = ppo.masked_whiten(advantages, mask)
+    total = distributed.sum_tensor(dist, ppo.masked_sums(advantages, mask))
+    rollouts.advantages = ppo.whiten_from_sums(advantages, mask, total)
 
     token_mask = mask.float()
 
@@ -231,55 +253,6 @@ def rewards_and_advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: fl
             "non_score_reward": row_sum((-kl_coef * kl).sum(1)),
             "reward": row_sum(rewards.sum(1))}
     return sums, float(ppo.explained_variance(values, returns, mask))
-
-
-# ---------------------------------------------------------------- step 7
-
-def micro_step(mb: Rollouts, models: Models, cfg: PPOConfig, scale: float) -> dict:
-    """Forward and backward of one micro-batch: clipped policy and value losses and the
-    entropy bonus, the gradients scaled by ``scale`` (accumulated over the minibatch)."""
-    mb_inputs = (mb.query_responses, mb.attention_mask, mb.context_length)
-    new_logprobs, entropy = response_logprobs(models.policy, *mb_inputs, cfg.temperature,
-                                              with_entropy=True)  # (B, R) each
-    new_values = models.critic(*mb_inputs)  # (B, R)
-    pg_loss, clipfrac, approx_kl = ppo.policy_loss(new_logprobs, mb.logprobs, mb.advantages,
-                                                   mb.train_mask, cfg.clip_coef)
-    vf_loss, vf_clipfrac = ppo.value_loss(new_values, mb.values, mb.returns, mb.train_mask,
-                                          cfg.vf_clip_coef)
-    mean_entropy = ppo.masked_mean(entropy, mb.train_mask)
-    loss = pg_loss + cfg.vf_coef * vf_loss
-    if cfg.ent_coef:
-        loss = loss - cfg.ent_coef * mean_entropy
-    (loss * scale).backward()
-    return {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "clipfrac": clipfrac.item(),
-            "approx_kl": approx_kl.item(), "vf_clipfrac": vf_clipfrac.item(),
-            "entropy": mean_entropy.item()}
-
-
-def ppo_update(rollouts: Rollouts, models: Models, optimizers, cfg: PPOConfig,
-               dist: distributed.Dist, step: int, local_mini_batch_size: int) -> dict:
-    """7. Epochs × minibatches (one optimizer step each) × micro-batches (accumulated)."""
-    stats = defaultdict(list)
-    micro_per_mini = local_mini_batch_size // cfg.micro_batch_size
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    for epoch in range(cfg.num_ppo_epochs):
-        g = torch.Generator().manual_seed(rollout.step_seed(cfg.seed, step, dist.rank, -1 - epoch))
-        b_inds = torch.randperm(len(rollouts), generator=g)
-        for mini_start in range(0, len(rollouts), local_mini_batch_size):
-            for micro_start in range(mini_start, mini_start + local_mini_batch_size,
-                                     cfg.micro_batch_size):
-                mb_inds = b_inds[micro_start: micro_start + cfg.micro_batch_size]
-                mb = rollouts.subset(mb_inds)
-                for k, v in micro_step(mb, models, cfg, 1.0 / micro_per_mini).items():
-                    stats[k].append(v)
-            distributed.all_reduce_grads(dist, models.policy, models.critic)
-            for name, net in (("grad_norm", models.policy), ("value_grad_norm", models.critic)):
-                stats[name].append(float(torch.nn.utils.clip_grad_norm_(net.parameters(),
-                                                                        max_norm)))
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
 # ---------------------------------------------------------------- step 8

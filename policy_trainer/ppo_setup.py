@@ -1,4 +1,5 @@
-"""Setting up ``policy-trainer ppo`` (step 0): the policy, the frozen reference and the critic;
+"""Setting up ``policy-trainer ppo`` (step 0): the policy, the frozen reference and the critic
+(loaded here, prepared in ``ppo_nets.py``);
 the prompts; the connection to the reward service (input form by tokenizer fingerprint, reward
 normalization statistics); the optimizers, their schedules and the KL controller. Each raises
 ``UserError`` (exit 2) or ``RMError`` (exit 1) with a one-line message, before any training
@@ -14,13 +15,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from policy_trainer import ppo, rollout
-from policy_trainer.critic import ValueModel
+from policy_trainer import ppo, ppo_nets, rollout
 from policy_trainer.data import max_sequence_length, read_prompts
 from policy_trainer.errors import UserError
 from policy_trainer.logprobs import check_logprob_path
 from policy_trainer.optim import build_optimizer
 from policy_trainer.ppo_config import PPOConfig
+from policy_trainer.ppo_nets import Nets
+from policy_trainer.scaling import Run
 from policy_trainer.scoring import RMError, RMScorer, choose_input_mode
 from protos.encoding import Encoder, tokenizer_fingerprint
 
@@ -30,12 +32,14 @@ log = logging.getLogger("policy_trainer.ppo")
 @dataclass
 class Models:
     tokenizer: object
-    policy: torch.nn.Module
-    reference: torch.nn.Module
-    critic: ValueModel
+    config: object        # the policy's transformers config
     pad_id: int
     eos_id: int
     stop_ids: list[int]
+    lm: torch.nn.Module | None            # the loaded policy, until build_nets prepares it
+    reference_lm: torch.nn.Module | None  # the loaded reference (None with LoRA: adapters off)
+    critic_dir: Path | None = None        # a plain checkpoint's critic, to resume
+    nets: Nets | None = None              # policy, reference and critic as PPO runs them
 
 
 @dataclass
@@ -45,17 +49,21 @@ class Prompts:
     sha256: str
 
 
-def load_models(cfg: PPOConfig, resume_from: Path | None, device) -> Models:
+def load_models(cfg: PPOConfig, run: Run, resume_from: Path | None) -> Models:
+    """The tokenizer and the fp32 models as loaded (``build_nets`` prepares them)."""
     for name in ("policy", "reference"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_dir():
             raise UserError(f"--{name} {path}: no such directory")
+    if cfg.lora and cfg.reference:
+        raise UserError("--reference with --lora-r: the reference is the --policy base the "
+                        "adapters sit on, with the adapters disabled")
+    weights = run.weights_from(resume_from, cfg.policy)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-        policy = AutoModelForCausalLM.from_pretrained(resume_from or cfg.policy,
-                                                      dtype=torch.float32)
-        reference = AutoModelForCausalLM.from_pretrained(cfg.reference or cfg.policy,
-                                                         dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
+        reference_lm = None if cfg.lora else AutoModelForCausalLM.from_pretrained(
+            cfg.reference or cfg.policy, dtype=torch.float32)
     except OSError as e:
         raise UserError(f"cannot load a causal LM and tokenizer: "
                         f"{str(e).splitlines()[0]}") from None
@@ -69,11 +77,6 @@ def load_models(cfg: PPOConfig, resume_from: Path | None, device) -> Models:
             raise UserError(f"--reference {cfg.reference} has another tokenizer than --policy")
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer in {cfg.policy} has no EOS token")
-    critic = (ValueModel.from_pretrained(resume_from / "value") if resume_from
-              else ValueModel.from_policy(policy))
-    reference.requires_grad_(False)
-    for model in (policy, reference, critic):  # eval: dropout off in rollouts and updates alike
-        model.to(device).eval()
     stop_ids = [tokenizer.eos_token_id]
     if cfg.stop_token:
         ids = tokenizer(cfg.stop_token, add_special_tokens=False)["input_ids"]
@@ -83,11 +86,20 @@ def load_models(cfg: PPOConfig, resume_from: Path | None, device) -> Models:
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # padding is masked everywhere, so any id will do
         pad_id = tokenizer.eos_token_id
-    return Models(tokenizer, policy, reference, critic, pad_id, tokenizer.eos_token_id, stop_ids)
+    critic_dir = resume_from / "value" if resume_from is not None and weights == resume_from \
+        else None
+    return Models(tokenizer, lm.config, pad_id, tokenizer.eos_token_id, stop_ids,
+                  lm.to(run.device).eval(), reference_lm, critic_dir)
+
+
+def build_nets(cfg: PPOConfig, run: Run, m: Models) -> None:
+    """The loaded models prepared as PPO runs them (bf16, LoRA, FSDP2: ``ppo_nets.py``)."""
+    m.nets = ppo_nets.build(cfg, run, m.lm, m.reference_lm, m.critic_dir)
+    m.lm = m.reference_lm = None
 
 
 def load_prompts(cfg: PPOConfig, m: Models) -> Prompts:
-    limit = max_sequence_length(m.policy.config, m.tokenizer)
+    limit = max_sequence_length(m.config, m.tokenizer)
     max_len = min(cfg.max_prompt_length, limit - cfg.max_new_tokens)
     if max_len < 1:
         raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in "
@@ -113,10 +125,10 @@ def check_policy_head(cfg: PPOConfig, m: Models, prompts: Prompts, device) -> No
     model's own logits on two short samples: refuse a head we would compute wrongly."""
     n = min(2, len(prompts.ids))
     gen = rollout.sampling_config(4, cfg.temperature, 0, 1.0, m.stop_ids, m.pad_id)
-    probe = rollout.generate(m.policy, prompts.ids[:n], list(range(n)), gen, m.stop_ids,
+    probe = rollout.generate(m.lm, prompts.ids[:n], list(range(n)), gen, m.stop_ids,
                              m.pad_id, cfg.seed, device)
     try:
-        check_logprob_path(m.policy, probe.query_responses, probe.attention_mask,
+        check_logprob_path(m.lm, probe.query_responses, probe.attention_mask,
                            probe.context_length, cfg.temperature)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -150,14 +162,15 @@ def connect_rm(cfg: PPOConfig, m: Models) -> tuple[RMScorer, str, tuple[float, f
 def build_optimizers(cfg: PPOConfig, m: Models, total_steps: int) -> dict:
     """AdamW and its lr schedule for the policy and for the critic (--value-lr), and the KL
     controller: everything a checkpoint saves the state of, by its key there."""
-    def adamw(model, lr):
-        return build_optimizer(model, total_steps, lr=lr, schedule=cfg.lr_schedule,
+    def adamw(params, lr):
+        return build_optimizer(params, total_steps, lr=lr, schedule=cfg.lr_schedule,
                                warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio,
                                weight_decay=cfg.weight_decay,
                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
-    policy_opt, policy_sched = adamw(m.policy, cfg.lr)
-    value_opt, value_sched = adamw(m.critic, cfg.value_lr or cfg.lr)
+    policy_params, critic_params = m.nets.trainable()
+    policy_opt, policy_sched = adamw(policy_params, cfg.lr)
+    value_opt, value_sched = adamw(critic_params, cfg.value_lr or cfg.lr)
     kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.adaptive_kl else ppo.FixedKLController(cfg.kl_coef))
     return {"optimizer": policy_opt, "value_optimizer": value_opt, "scheduler": policy_sched,

@@ -1,8 +1,9 @@
 """`policy-trainer ppo` end to end: the real CLI against real `rm-server serve` subprocesses.
 
 Two trainers at once (one sends token ids to two balanced servers, one has another tokenizer
-and sends text), a stop-and-resume that reproduces the straight run, a 2-process torchrun, and
-a trainer whose RM is killed and restarted mid-run. Tiny models, 8 rollouts a step.
+and sends text), a stop-and-resume that reproduces the straight run, two 2-process torchruns
+(FSDP2: every weight trained in bf16 with gradient checkpointing; LoRA), and a trainer whose
+RM is killed and restarted mid-run. Tiny models, 8 rollouts a step.
 """
 
 from __future__ import annotations
@@ -112,9 +113,10 @@ TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "
 
 @pytest.fixture(scope="module")
 def runs(world, servers):
-    """Three trainers at the same time against the same two servers, 2 PPO steps each:
+    """Four trainers at the same time against the same two servers, 2 PPO steps each:
     A (same tokenizer as the RM: token ids, both replicas balanced), B (another tokenizer:
-    text), and a 2-rank torchrun job (4 rollouts per rank)."""
+    text), and two 2-rank torchrun jobs (4 rollouts per rank): every weight trained, in bf16
+    with gradient checkpointing, and LoRA (the reference its base, the critic its adapter)."""
     root = world["root"]
     both = f"{servers[0].address},{servers[1].address}"
     a = ppo_args(world["policy"], both, world["prompts"], root / "a",
@@ -124,11 +126,17 @@ def runs(world, servers):
                  "--stop-token", ".", "--missing-eos-penalty", "1.0", "--rm-client-id", "b",
                  "--no-tensorboard")
     ddp = ppo_args(world["policy"], servers[1].address, world["prompts"], root / "ddp",
-                   "--num-ppo-epochs", "1", "--rm-client-id", "ddp", "--no-tensorboard")
+                   "--num-ppo-epochs", "1", "--rm-client-id", "ddp", "--no-tensorboard",
+                   "--dtype", "bfloat16", "--gradient-checkpointing")
+    lora = ppo_args(world["policy"], servers[0].address, world["prompts"], root / "lora",
+                    "--num-ppo-epochs", "1", "--rm-client-id", "lora", "--no-tensorboard",
+                    "--lora-r", "4", "--whiten-rewards", "--checkpoint-every", "1")
     procs = {"a": trainer(a, root / "a.log"), "b": trainer(b, root / "b.log"),
-             "ddp": trainer(ddp, root / "ddp.log", TORCHRUN)}
+             "ddp": trainer(ddp, root / "ddp.log", TORCHRUN),
+             "lora": trainer(lora, root / "lora.log", TORCHRUN)}
     logs = {n: finish(p, root / f"{n}.log") for n, p in procs.items()}
-    return {"a": root / "a", "b": root / "b", "ddp": root / "ddp", "a_args": a, "logs": logs}
+    return {"a": root / "a", "b": root / "b", "ddp": root / "ddp", "lora": root / "lora",
+            "a_args": a, "logs": logs}
 
 
 def test_two_trainers_at_once_tokens_and_text(runs, servers):
@@ -212,13 +220,19 @@ def test_sequential_pipeline_gives_the_overlapped_runs_results(runs, tmp_path):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
-def test_torchrun_two_ranks(runs):
-    out = runs["ddp"]
+@pytest.mark.parametrize("name", ["ddp", "lora"])
+def test_torchrun_two_ranks_sharded(runs, name):
+    out = runs[name]
     lines = (out / "train_log.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["world_size"] == 2 and len(lines) == 3  # rank 0 writes alone
     for r in steps(out).values():  # 4 rollouts per rank, all scored
         assert r["rollouts"] == r["scored"] == 8 and r["failed_samples"] == 0
-    AutoModelForCausalLM.from_pretrained(out)  # ranks checked in sync at the final checkpoint
+    # the final output is plain (gathered from the shards, a LoRA adapter merged in)
+    assert not (out / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(out)
+    ValueModel.from_pretrained(out / "value")
+    shards = sorted(p.name for p in (out / "checkpoints" / "step-2" / "dcp").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
 
 def test_rm_killed_and_restarted_mid_run_loses_no_sample(world, servers, tmp_path):

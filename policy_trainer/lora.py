@@ -40,7 +40,10 @@ def add_lora(model: nn.Module, cfg, task_type: str | None):
     """``model`` wrapped by peft with the trainable adapter "default"; everything else frozen
     (a SEQ_CLS model's score head excepted). Refuses targets that are not linear layers, and
     the LM head (PPO and SFT read its weight as the base's)."""
-    from peft import get_peft_model
+    try:
+        from peft import get_peft_model
+    except ImportError:
+        raise UserError("--lora-r needs peft: pip install 'rlhf-rm-service[lora]'") from None
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -127,6 +127,31 @@ def test_get_reward_as_openrlhf_posts_it(base, hf):
     assert out["extra_logs"] == {"rm_num_tokens": lengths, "rm_truncated": [0.0] * len(pairs)}
 
 
+def test_get_reward_equals_openrlhfs_own_rm_server(tokenizer, tmp_path):
+    """OpenRLHF's setting end to end: pad == eos (its get_tokenizer's), queries ending in EOS,
+    --recipe openrlhf: /get_reward equals OpenRLHF's serve_rm (tokenizer(query,
+    add_special_tokens=False), RewardModel.forward's value at the last token), not HF's rule."""
+    from tests.rm_server.test_recipes import openrlhf_rewards
+
+    tok = tiny.train_tokenizer(pad="eos")
+    path = tiny.make_reward_model("llama", tok, tmp_path / "orl", seed=3)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    texts = ["the movie was great", "boring plot and bad acting", "i loved it"]
+    queries = [f"<|user|>rate it<|assistant|>{t}{tok.eos_token}" for t in texts]
+    seqs = [tok(q, add_special_tokens=False)["input_ids"] for q in queries]
+    want = openrlhf_rewards(model, seqs, tok.pad_token_id)
+    with torch.no_grad():  # HF's rule skips the trailing EOS (pad == eos): not OpenRLHF's
+        hf_rule = [model(torch.tensor([ids])).logits[0, 0].item() for ids in seqs]
+    assert max(abs(a - b) for a, b in zip(want, hf_rule)) > 1e-3
+    s = start_server(path, "--http-port", "0", "--recipe", "openrlhf")
+    try:
+        status, out, _ = call(f"http://127.0.0.1:{s.http_port}/get_reward",
+                              {"query": queries, "prompts": ["<|user|>rate it"] * 3})
+        assert status == 200 and out["rewards"] == pytest.approx(want, abs=1e-5)
+    finally:
+        assert s.stop() == 0, s.log()
+
+
 # -- curl -----------------------------------------------------------------------------------------
 
 def curl(*args: str) -> tuple[int, dict]:

@@ -13,6 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev]" "$(TORCH)"
+	# OpenRLHF's own code for the parity tests of its conventions (its RewardDataset, its HTTP
+	# reward client). Without its dependencies (ray, deepspeed, vllm: GBs); its wheel also
+	# ships a top-level `tests` package that would shadow ours, so that one is removed.
+	$(PIP) install -q --no-deps "openrlhf==0.11.2" "pylatexenc>=2.10"
+	rm -rf "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tests"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -85,9 +85,10 @@ class ValueModel(nn.Module):
 
 
 def values_from(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """V = head(h) in fp32, autocast or not: (B, R, H) -> (B, R)."""
+    """V = head(h) in fp32, autocast or not: (B, R, H) -> (B, R) (a tensor of its own, not a
+    view: FSDP2 hooks a sharded module's outputs)."""
     with torch.autocast(hidden.device.type, enabled=False):
-        return head(hidden.float()).squeeze(-1)
+        return head(hidden.float()).squeeze(-1).clone()
 
 
 class PolicyAndValue:

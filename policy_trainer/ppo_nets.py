@@ -56,11 +56,30 @@ class LMForward(nn.Module):
             return values_from(self.value_head, hidden)
         off = role == "reference" and lora.is_peft(self.lm)
         with lora.adapters_off(self.lm) if off else nullcontext():
-            return response_logprobs(hf, query_responses, attention_mask, context_length,
-                                     temperature, with_entropy)
+            out = response_logprobs(hf, query_responses, attention_mask, context_length,
+                                    temperature, with_entropy)
+        # not views of the kernel's flat output: FSDP2 hooks a module's outputs for its
+        # backward, and an in-place op on a view would lose the hook
+        return tuple(t.clone() for t in out) if with_entropy else out.clone()
 
     def generate(self, **kwargs):
-        return lora.unwrap(self.lm).generate(synced_gpus=self.synced_generation, **kwargs)
+        hf = lora.unwrap(self.lm)
+        if not self.synced_generation:
+            return hf.generate(**kwargs)
+        # Sharded: each layer is gathered once for the whole generation, not once per token
+        # (the bf16 compute copy of the policy stays resident meanwhile), and every rank keeps
+        # stepping until all are done.
+        from torch.distributed.fsdp import FSDPModule
+
+        self.set_reshard_after_forward(False)
+        try:
+            return hf.generate(synced_gpus=True, **kwargs)
+        finally:
+            self.set_reshard_after_forward(True)
+            self.set_reshard_after_forward(False, recurse=False)  # the root's own default
+            for m in self.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
 
     @property
     def generation_config(self):

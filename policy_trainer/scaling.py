@@ -169,16 +169,23 @@ class Run:
         return {k: v for k, v in objects.items() if id(v) not in in_dcp}
 
     def weights_from(self, resume_from: Path | None, base) -> Path:
-        """Where the model loads from: a plain checkpoint, or the base (DCP shards follow)."""
+        """Where the model loads from: a plain checkpoint, or the base (DCP shards follow; a
+        one-process run resumes a sharded one too: DCP re-shards to whatever loads it)."""
         if resume_from is None:
             return Path(base)
-        sharded = (resume_from / sharding.DCP_DIR).is_dir()
-        if sharded != self.dcp:
-            how = ("under torchrun or with --lora-r" if sharded
-                   else "in one process without --lora-r")
-            raise UserError(f"{resume_from} holds a {'DCP' if sharded else 'plain'} checkpoint: "
-                            f"resume it as it was written, {how}")
-        return Path(base) if sharded else resume_from
+        saved = checkpoint.load_state(resume_from).get("config", {})
+        for flag in ("lora_r", "lora_target_modules"):
+            was, now = saved.get(flag, getattr(self.cfg, flag)), getattr(self.cfg, flag)
+            if (tuple(was) if isinstance(was, (list, tuple)) else was) != now:
+                raise UserError(f"{resume_from} was trained with --{flag.replace('_', '-')} "
+                                f"{was}: resume with the same")
+        if (resume_from / sharding.DCP_DIR).is_dir():
+            self.dcp = True
+            return Path(base)
+        if self.dcp:
+            raise UserError(f"{resume_from} is a plain one-process checkpoint: resume it in "
+                            "one process")
+        return resume_from
 
     def load_shards(self, resume_from: Path) -> None:
         if self.dcp:

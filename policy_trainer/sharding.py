@@ -12,7 +12,10 @@ the layers all-gather bf16 copies of the fp32 master shards and reduce gradients
 The root unit's forward is the trainer's entry point: for SFT and the reward model the
 transformers model's own forward; for PPO a module whose forward is the log-prob path
 (``ppo_nets.py``), which reads the LM head's weight directly, so the weight is gathered. A
-method other than ``forward`` that runs the model (``generate``) is registered with FSDP.
+method other than ``forward`` that runs the model (``generate``) is registered with FSDP; PPO's
+``generate`` keeps each layer gathered until the call ends (one all-gather per layer per call,
+not per sampled token). A frozen root (PPO's reference) gives its gathered weights back after
+its forward.
 
 Every rank must run the same number of forwards and backwards through a sharded model (each
 is a collective): ``distributed.share`` gives ranks equal shares, and generation keeps going
@@ -61,7 +64,10 @@ def shard(root: nn.Module, d: Dist, device: torch.device, dtype: str,
     root.to(device)
     for layer in decoder_layers(root):
         fully_shard(layer, mesh=mesh, mp_policy=layers_mp)
-    fully_shard(root, mesh=mesh)
+    # The root unit keeps its weights gathered from forward to backward (FSDP2's default for a
+    # root); a frozen one (PPO's reference) has no backward: it gives them back at once.
+    frozen = not any(p.requires_grad for p in root.parameters())
+    fully_shard(root, mesh=mesh, reshard_after_forward=frozen)
     for name in methods:
         register_fsdp_forward_method(root, name)
     return root

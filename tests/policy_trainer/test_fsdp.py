@@ -71,6 +71,8 @@ def assert_same_weights(a, b) -> None:
 
 
 def test_sft_two_ranks_take_one_ranks_steps_and_resume_from_shards(tmp_path, tokenizer):
+    """1 rank x 5 steps against: 2 ranks x 2 steps, 2 ranks resumed to 4, 1 rank resumed to
+    5 from the 2-rank shards; each step the same 8 examples."""
     base = tiny.make_causal_lm("llama", tokenizer, tmp_path / "base", seed=3)
     demos = tmp_path / "demos.jsonl"
     demos.write_text("".join(json.dumps({"prompt": p, "response": " great movie"}) + "\n"
@@ -80,16 +82,19 @@ def test_sft_two_ranks_take_one_ranks_steps_and_resume_from_shards(tmp_path, tok
               "--torch-threads", "1", "--micro-batch-size", "4", "--checkpoint-every", "2",
               "--eval-every", "2", "--keep-checkpoints", "0"]
     one, two = tmp_path / "one", tmp_path / "two"
-    # one rank: 4 steps of 8 examples (2 micro-batches of 4)
+    # one rank: 5 steps of 8 examples (2 micro-batches of 4)
     assert cli.main(common + ["--out", str(one), "--grad-accum-steps", "2",
-                              "--max-steps", "4"]) == 0
+                              "--max-steps", "5"]) == 0
     # two ranks, 4 examples each: 2 steps, stop; resume from the sharded checkpoint to 4
     torchrun(common + ["--out", str(two), "--max-steps", "2"], tmp_path / "two-a.log")
     assert sorted(p.name for p in (two / "checkpoints" / "step-2" / "dcp").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per rank
     torchrun(common + ["--out", str(two), "--max-steps", "4", "--resume"],
              tmp_path / "two-b.log")
-    assert sorted(losses(two)) == [1, 2, 3, 4]
+    # and one process resumes the 2-rank shards (DCP re-shards them) for step 5
+    assert cli.main(common + ["--out", str(two), "--grad-accum-steps", "2", "--max-steps", "5",
+                              "--resume"]) == 0
+    assert sorted(losses(two)) == [1, 2, 3, 4, 5]
     for step, loss in losses(one).items():
         assert losses(two)[step] == pytest.approx(loss, rel=LOSS_RTOL), step
     for step, loss in losses(one, "eval_loss").items():

@@ -36,12 +36,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def randomize(model, adapter: str, seed: int = 0) -> None:
-    """Give ``adapter``'s B matrices (zero at init: a no-op adapter) real values."""
+def randomize(model, adapter: str, seed: int = 0, matrices=("lora_B",)) -> None:
+    """Give ``adapter``'s B matrices (zero at init: a no-op adapter) real values (and its A
+    matrices, with ``matrices``)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if f"lora_B.{adapter}." in name:
+            if any(f"{m}.{adapter}." in name for m in matrices):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
@@ -191,3 +192,28 @@ def test_lora_sft_resumes_from_its_checkpoint_and_writes_a_plain_model(tmp_path,
     b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_checkpointing_replays_each_adapter_in_its_own_backward(world, tmp_path):
+    """With gradient checkpointing the backward re-runs the layers with whatever adapter is
+    active then: the critic's backward runs inside its scope, so the gradients of both
+    adapters and the value head equal those without checkpointing (fp32, 1e-6)."""
+    from policy_trainer.ppo_loop import rewards_and_advantages
+    from policy_trainer.ppo_update import micro_step
+
+    grads = []
+    for checkpointing in (False, True):
+        cfg, _, models, found = ppo_parts.build(world["policy"], world["prompts"], tmp_path,
+                                                lora_r=4, gradient_checkpointing=checkpointing)
+        nets = models.nets
+        for adapter, seed in ((lora.POLICY, 0), (lora.VALUE, 1)):  # A too: peft draws it
+            randomize(nets.policy.lm, adapter, seed, matrices=("lora_A", "lora_B"))
+        nets.policy.value_head.weight.data.fill_(0.1)
+        ro, first_epoch = ppo_parts.rollouts(cfg, models, found)
+        rewards_and_advantages(ro, torch.linspace(-1, 1, len(ro)), 0.05, (0.0, 1.0), cfg)
+        micro_step(ro.subset(first_epoch[0][0]), nets, cfg, 1.0)
+        grads.append([p.grad.clone() for group in nets.trainable() for p in group])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert all(g.abs().sum() > 0 for g in grads[1][-3:])  # the critic's end got gradient

@@ -15,10 +15,11 @@ class ScoreResult:
     reward: float
     num_tokens: int
     truncated: bool
+    head_scores: tuple[float, ...] = ()  # a multi-head RM's heads (an ensemble's members)
 
     @classmethod
     def from_message(cls, r: pb.ScoreResult) -> ScoreResult:
-        return cls(r.id, r.reward, r.num_tokens, r.truncated)
+        return cls(r.id, r.reward, r.num_tokens, r.truncated, tuple(r.head_scores))
 
 
 def text_sample(sample_id: str, prompt: str, response: str) -> pb.Sample:

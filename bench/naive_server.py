@@ -11,7 +11,8 @@ Each request's samples (token ids; text pairs are tokenized as rm-server does) a
 into one batch and run through the HF model's own forward (final norm and score head over every
 position, then HF's pick of the last non-pad token) on a single worker thread: forwards run one
 at a time, in arrival order (a thread pool would run several forwards at once and thrash the
-cores). torch.inference_mode, ``torch.set_num_threads(--num-threads)``.
+cores). torch.inference_mode, ``torch.set_num_threads(--num-threads)``; on a GPU
+(``--device cuda --dtype bfloat16``) the weights are loaded in that dtype, as such servers do.
 
     python -m bench.naive_server --model DIR --port 0 --port-file ports.json --num-threads 1
 
@@ -37,11 +38,13 @@ SERVICE = "rlhf.reward.v1.RewardService"
 
 
 class NaiveRewardServer:
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        self.device = torch.device(device)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.pad = self.model.config.pad_token_id
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="naive-model")
 
@@ -65,6 +68,7 @@ class NaiveRewardServer:
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.tensor(s)
             mask[b, : len(s)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
 
     async def _score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
@@ -85,7 +89,7 @@ class NaiveRewardServer:
 
 async def serve(args) -> None:
     torch.set_num_threads(args.num_threads)
-    svc = NaiveRewardServer(args.model)
+    svc = NaiveRewardServer(args.model, args.device, args.dtype)
     await asyncio.get_running_loop().run_in_executor(svc.executor, svc.forward, [[5, 6, 7]])
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20),
                                       ("grpc.max_send_message_length", 16 << 20)])
@@ -115,6 +119,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--port-file")
     ap.add_argument("--num-threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -42,6 +42,7 @@ server at each thread count and compares ours with the best of them (each server
     python -m bench.serve --models rm-30m --mixes short   # one slice of the full sweep
     python -m bench.serve --variant 'old=@/path/to/old/checkout' --variant 'new='
     python -m bench.serve --compile ...                   # ours and the limit compiled
+    python -m bench.serve --device cuda --dtype bfloat16 --server-cpus '' --client-cpus '' ...
     python -m bench.serve --variant 'cpu=--max-batch-size 16 --max-batch-tokens 2048' ...
     python -m bench.serve --json-out a.json ...; python -m bench.serve --table a.json b.json
 
@@ -88,7 +89,8 @@ CLK = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------------------------
 # (b) the limit: a worker process pinned like the server, answering JSON lines on stdin
 # --------------------------------------------------------------------------------------------
-def limit_worker(threads: int, compile: bool = False) -> None:
+def limit_worker(threads: int, compile: bool = False, device: str = "cpu",
+                 dtype: str = "float32") -> None:
     import torch
 
     out = os.fdopen(os.dup(1), "w", buffering=1)
@@ -100,7 +102,7 @@ def limit_worker(threads: int, compile: bool = False) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["model"] not in models:
-            m = RewardModel(cmd["model"], compile=compile)
+            m = RewardModel(cmd["model"], dtype=dtype, device=device, compile=compile)
             m.warmup()
             models[cmd["model"]] = m
         if cmd.get("load_only"):
@@ -124,9 +126,10 @@ def limit_worker(threads: int, compile: bool = False) -> None:
 
 
 class LimitWorker:
-    def __init__(self, cpus: str | None, threads: int, compile: bool = False):
-        cmd = [sys.executable, "-m", "bench.serve",
-               "--limit-worker", "--threads", str(threads), *(["--compile"] if compile else [])]
+    def __init__(self, cpus: str | None, threads: int, compile: bool = False,
+                 device: str = "cpu", dtype: str = "float32"):
+        cmd = [sys.executable, "-m", "bench.serve", "--limit-worker", "--threads", str(threads),
+               "--device", device, "--dtype", dtype, *(["--compile"] if compile else [])]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, bufsize=1,
                                      cwd=ROOT)
@@ -197,7 +200,8 @@ def launch(kind: str, model_dir: Path, cpus: str | None, threads: int, extra: li
                *extra]
     else:
         cmd = [sys.executable, "-m", "bench.naive_server", "--model", str(model_dir),
-               "--port", "0", "--port-file", str(port_file), "--num-threads", str(threads)]
+               "--port", "0", "--port-file", str(port_file), "--num-threads", str(threads),
+               *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     # started unpinned (imports and loading go faster on all cores), pinned once ready
@@ -374,17 +378,18 @@ def run(args) -> list[dict]:
     if args.client_idle:  # only cycles the servers leave (threads started later inherit it)
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     rows = []
-    limit = LimitWorker(args.server_cpus, args.threads, args.compile)
+    limit = LimitWorker(args.server_cpus, args.threads, args.compile, args.device, args.dtype)
+    placement = ["--device", args.device, "--dtype", args.dtype]  # every server, the same
     compile_flag = ["--compile"] if args.compile else []
     try:
         for model_name in args.models:
             model_dir = ensure_model(model_name, args.cache)
             launched = [launch("ours", model_dir, args.server_cpus, args.threads,
-                               shlex.split(args.server_args) + compile_flag + flags, root,
-                               label)
+                               placement + shlex.split(args.server_args) + compile_flag + flags,
+                               root, label)
                         for label, root, flags in args.variants]
             if not args.no_naive:
-                launched += [launch("naive", model_dir, args.server_cpus, t, [],
+                launched += [launch("naive", model_dir, args.server_cpus, t, placement,
                                     label=naive_label(args, t)) for t in args.naive_threads]
             limit.load(str(model_dir))  # the three processes load at the same time
             servers = {}
@@ -631,6 +636,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="ours (rm-server serve --compile) and the limit run the model under "
                     "torch.compile; the naive server stays eager HF, as simple RM servers run")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of ours, the limit and naive: cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="parameter dtype of ours, the limit and naive")
     ap.add_argument("--server-args", default="", help="extra rm-server serve flags (all variants)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=[@ROOT] FLAGS",
                     help="one of our servers to measure (repeatable): a label, optionally a source "
@@ -648,7 +657,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.limit_worker:
-        return limit_worker(args.threads, args.compile)
+        return limit_worker(args.threads, args.compile, args.device, args.dtype)
     if args.table:
         rows = [r for p in args.table for r in json.loads(Path(p).read_text())["rows"]]
         print(point_table(rows) if args.by_point else table(rows))

@@ -12,7 +12,8 @@ GPU:
     python -m bench.kernel_timings --device cuda [--peak-gbps 3350 --peak-tflops 989]
   - each Triton kernel against torch eager and torch.compile of the same math: median time,
     achieved bandwidth as a fraction of the device's peak, TFLOP/s, and peak memory
-    (torch.cuda.max_memory_allocated over the inputs).
+    (torch.cuda.max_memory_allocated over the inputs). ``kernel_rows`` yields these rows one
+    at a time (bench.gpu_check streams them; its --dry-run runs them on the CPU, tiny).
 
 Prints one line per measurement and, with --json, a JSON list at the end.
 """
@@ -29,14 +30,31 @@ from pathlib import Path
 import torch
 
 from kernels import last_token_score, last_token_score_reference, token_logprobs
+from kernels.dispatch import use_triton
 
 ROOT = Path(__file__).resolve().parents[1]  # the children run `-m bench.kernel_timings` from here
 
-# name substring -> (HBM GB/s, dense bf16 TFLOP/s), from the vendors' datasheets
-DEVICE_PEAKS = {"H200": (4800, 989), "H100 SXM": (3350, 989), "H100 80GB HBM3": (3350, 989),
-                "H100 PCIe": (2000, 756), "H100": (3350, 989), "A100-SXM4-80GB": (2039, 312),
-                "A100": (1555, 312), "L40S": (864, 362), "L4": (300, 121), "A10G": (600, 70),
-                "RTX 4090": (1008, 165)}
+# Substring of torch.cuda.get_device_name() -> (memory bandwidth GB/s, dense BF16 tensor-core
+# TFLOP/s with FP32 accumulation, no 2:4 sparsity). Source: NVIDIA's product datasheets (H200,
+# H200 NVL, H100 SXM5/PCIe/NVL, A100 40/80 GB, L40S, L40, L4, A10) and the Ada architecture
+# whitepaper (RTX 4090); A10G (AWS's A10 variant) from AWS's G5 documentation. The datasheets
+# quote sparse FLOP/s as well: the dense figure is half of it. Matched first key first, so
+# the specific names (H100 PCIe, A100 80GB PCIe, L40S, A10G) come before their prefixes.
+DEVICE_PEAKS = {"H200 NVL": (4800, 835), "H200": (4800, 989),
+                "H100 NVL": (3900, 835), "H100 PCIe": (2000, 756), "H100": (3350, 989),
+                "A100-SXM4-80GB": (2039, 312), "A100 80GB PCIe": (1935, 312),
+                "A100": (1555, 312), "L40S": (864, 362), "L40": (864, 181), "L4": (300, 121),
+                "A10G": (600, 70), "A10": (600, 125), "RTX 4090": (1008, 165)}
+PEAKS_SOURCE = ("NVIDIA datasheets (dense BF16 tensor-core FLOP/s, memory bandwidth); "
+                "bench/kernel_timings.py DEVICE_PEAKS")
+
+
+def match_peaks(name: str) -> tuple[str | None, float | None, float | None]:
+    """(table key, GB/s, TFLOP/s) for a device name; (None, None, None) when unknown."""
+    for key, (gbps, tflops) in DEVICE_PEAKS.items():
+        if key in name:
+            return key, gbps, tflops
+    return None, None, None
 
 
 def naive_logprobs(h, w, y):
@@ -147,11 +165,9 @@ def bench_cpu(args):
 # ---------------------------------------------------------------------------------------- GPU
 
 def device_peaks(args):
-    name = torch.cuda.get_device_name()
-    for key, (gbps, tflops) in DEVICE_PEAKS.items():
-        if key in name:
-            return name, args.peak_gbps or gbps, args.peak_tflops or tflops
-    return name, args.peak_gbps, args.peak_tflops
+    name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
+    _, gbps, tflops = match_peaks(name)
+    return name, args.peak_gbps or gbps, args.peak_tflops or tflops
 
 
 def gpu_measure(fn):
@@ -169,47 +185,72 @@ def gpu_measure(fn):
     return ms, peak
 
 
-def bench_gpu(args):
+def cpu_measure(fn, repeats=5):
+    """Median ms over ``repeats`` calls after one untimed call; no peak memory (None)."""
+    fn()
+    return 1000 * median_time(fn, repeats), None
+
+
+def kernel_rows(args, compile=True, keep_going=False):
+    """Yields one row per (op, variant) as soon as it is measured.
+
+    ``args``: dtype, score_b/t/h, n/v/h, peak_gbps/peak_tflops and device ("cuda"; "cpu" runs
+    the same variants, the ops on their torch paths, timed by ``cpu_measure``: the dry run of
+    bench.gpu_check). ``compile=False`` yields the torch.compile variants as skipped rows;
+    ``keep_going`` turns a variant that raises (a compile failure, OOM) into a row with
+    ``error`` instead of ending the run.
+    """
+    device = args.device
+    measure = gpu_measure if device != "cpu" else cpu_measure
     name, peak_gbps, peak_tflops = device_peaks(args)
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    rows = []
 
-    def add(op, variant, ms, peak, nbytes, flops=None, **shape):
-        row = dict(op=op, variant=variant, device=name, dtype=args.dtype, ms=ms,
-                   peak_mib=peak / 2**20, gbps=nbytes / ms / 1e6, **shape)
+    def row(op, variant, fn, nbytes, flops=None, **shape):
+        out = dict(op=op, variant=variant, device=name, dtype=args.dtype, **shape)
+        if fn is None:
+            return {**out, "skipped": "torch.compile not run (compile=False)"}
+        try:
+            ms, peak = measure(fn)
+        except Exception as e:
+            if not keep_going:
+                raise
+            return {**out, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        out.update(ms=ms, peak_mib=None if peak is None else peak / 2**20,
+                   gbps=nbytes / ms / 1e6)
         if peak_gbps:
-            row["bw_frac"] = row["gbps"] / peak_gbps
+            out["bw_frac"] = out["gbps"] / peak_gbps
         if flops:
-            row["tflops"] = flops / ms / 1e9
+            out["tflops"] = flops / ms / 1e9
             if peak_tflops:
-                row["flops_frac"] = row["tflops"] / peak_tflops
-        rows.append(row)
+                out["flops_frac"] = out["tflops"] / peak_tflops
+        return out
 
     # last_token_score: B sequences of T tokens, H hidden, L = 1
     B, T, H = args.score_b, args.score_t, args.score_h
-    hidden = torch.randn(B, T, H, device="cuda", dtype=dt)
-    w, nw = torch.randn(1, H, device="cuda", dtype=dt), torch.rand(H, device="cuda", dtype=dt)
-    index = torch.randint(0, T, (B,), device="cuda")
+    hidden = torch.randn(B, T, H, device=device, dtype=dt)
+    w, nw = torch.randn(1, H, device=device, dtype=dt), torch.rand(H, device=device, dtype=dt)
+    index = torch.randint(0, T, (B,), device=device)
     # bytes the op must move: B rows (x3 passes hit cache, counted once), head, norm weight
     nbytes = (B * H + H + H) * hidden.element_size() + B * 4
     ref = lambda: last_token_score_reference(hidden, index, w, None, "rms", nw)  # noqa: E731
-    compiled = torch.compile(last_token_score_reference)
+    compiled = torch.compile(last_token_score_reference) if compile else None
+    backend = "triton" if use_triton(hidden) else "torch"  # the CPU runs the torch path
     for variant, fn in {
         "triton": lambda: last_token_score(hidden, index, w, None, "rms", nw),
         "eager (B rows)": ref,
-        "compile (B rows)": lambda: compiled(hidden, index, w, None, "rms", nw),
+        "compile (B rows)": (lambda: compiled(hidden, index, w, None, "rms", nw)) if compile
+        else None,
         "eager HF-style (B*T rows)": lambda: hf_style_score(hidden, index, w, nw),
     }.items():
-        ms, peak = gpu_measure(fn)
-        add("last_token_score", variant, ms, peak, nbytes, b=B, t=T, h=H)
+        extra = {"backend": backend} if variant == "triton" else {}
+        yield row("last_token_score", variant, fn, nbytes, b=B, t=T, h=H, **extra)
 
     # token_logprobs: forward (reference model) and forward + backward (policy)
     N, V, H = args.n, args.v, args.h
-    h = torch.randn(N, H, device="cuda", dtype=dt)
-    wl = torch.randn(V, H, device="cuda", dtype=dt) * H**-0.5
-    y = torch.randint(0, V, (N,), device="cuda")
+    h = torch.randn(N, H, device=device, dtype=dt)
+    wl = torch.randn(V, H, device=device, dtype=dt) * H**-0.5
+    y = torch.randint(0, V, (N,), device=device)
     nbytes = (N * H + V * H) * h.element_size() + N * 12
-    compiled_naive = torch.compile(naive_logprobs)
 
     def fwd_bwd(f):
         def run():
@@ -218,14 +259,19 @@ def bench_gpu(args):
         return run
 
     variants = {"triton": token_logprobs, "eager naive": naive_logprobs,
-                "compile naive": compiled_naive}
+                "compile naive": torch.compile(naive_logprobs) if compile else None}
     for variant, f in variants.items():
-        ms, peak = gpu_measure(lambda f=f: f(h, wl, y))
-        add("token_logprobs fwd", variant, ms, peak, nbytes, 2 * N * V * H, n=N, v=V, h=H)
-        ms, peak = gpu_measure(fwd_bwd(f))  # useful flops: 6NVH (ours does 8: recompute)
-        add("token_logprobs fwd+bwd", variant, ms, peak, 3 * nbytes, 6 * N * V * H,
-            n=N, v=V, h=H)
-    return rows
+        extra = {"backend": backend} if variant == "triton" else {}
+        fwd = None if f is None else (lambda f=f: f(h, wl, y))
+        yield row("token_logprobs fwd", variant, fwd, nbytes, 2 * N * V * H, n=N, v=V, h=H,
+                  **extra)
+        # useful flops: 6NVH (ours does 8: recompute)
+        yield row("token_logprobs fwd+bwd", variant, None if f is None else fwd_bwd(f),
+                  3 * nbytes, 6 * N * V * H, n=N, v=V, h=H, **extra)
+
+
+def bench_gpu(args):
+    return list(kernel_rows(args))
 
 
 def main(argv=None):
@@ -253,6 +299,7 @@ def main(argv=None):
     for name, value in zip(("n", "v", "h"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.device = "cuda" if cuda else "cpu"
     rows = bench_gpu(args) if cuda else bench_cpu(args)
     for row in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

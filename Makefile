@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test lint demo protos clean
+.PHONY: venv test lint demo protos clean gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ DEMO_OUT ?= out/demo
 DEMO_ARGS ?=
 demo: venv
 	$(PY) -m demo.run --out $(DEMO_OUT) $(DEMO_ARGS)
+
+# On a machine with one CUDA GPU: the `gpu` kernel tests, the kernel timings and a 1B RM served,
+# under 10 minutes, into one JSON (bench/RESULTS.md "GPU run"). Build the venv with a CUDA torch:
+# `make gpu-check TORCH=torch` (PyPI's Linux x86_64 wheel is a CUDA build). Where pip also sees a
+# +cpu wheel (find-links), name a CUDA one: TORCH=torch==2.13.0+cuXYZ, with
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cuXYZ. An existing .venv is reused: a CPU
+# one makes the run say "no CUDA device" (make clean first).
+GPU_CHECK_OUT ?= out/gpu-check.json
+gpu-check: venv
+	$(PY) -m bench.gpu_check --out $(GPU_CHECK_OUT)
 
 # Regenerate the gRPC stubs from protos/reward.proto (tests fail when they are stale).
 protos: venv

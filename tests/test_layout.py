@@ -11,6 +11,10 @@ import counts, at module level or inside a function, relative or absolute, plus
   no string in rm_server's code names a training or client module either;
 - ``rm_client`` imports only ``protos`` of ours (a light client install);
 - ``protos`` (the contract) and ``kernels`` (pure tensor math) import nothing of ours;
+- ``feedback`` (the feedback service) talks to the others through contracts: it may import
+  ``protos`` and ``rm_client``, never ``rm_server`` or ``policy_trainer``; the others import
+  only its client surface (``feedback.client``, ``feedback.sender`` and the records and errors
+  they use), which imports nothing but the standard library and itself;
 - no product package imports ``demo``, ``bench`` or ``tests`` (not installed);
 - no cycle between our packages;
 - no product file over 350 lines (generated gRPC stubs excepted).
@@ -20,21 +24,25 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PRODUCT = ("rm_server", "rm_client", "protos", "policy_trainer", "kernels")
+PRODUCT = ("rm_server", "rm_client", "protos", "policy_trainer", "kernels", "feedback")
 OURS = set(PRODUCT) | {"demo", "bench", "tests"}
 # package -> the packages of ours it may import (itself always allowed)
 ALLOWED = {
-    "policy_trainer": {"protos", "rm_client", "kernels"},
+    "policy_trainer": {"protos", "rm_client", "kernels", "feedback"},  # feedback: its client
     "rm_server": {"protos", "kernels"},
     "rm_client": {"protos"},
     "protos": set(),
     "kernels": set(),
+    "feedback": {"protos", "rm_client"},
 }
+# What other packages may import of feedback: the client and what it is made of.
+FEEDBACK_CLIENT = {"feedback.client", "feedback.sender", "feedback.pairs", "feedback.errors"}
 MAX_LINES = 350
 GENERATED = re.compile(r"_pb2(_grpc)?\.pyi?$")
 # A module path of the training side or the client, as a string (import_module, entry points).
@@ -113,6 +121,21 @@ def test_packages_import_only_what_the_layout_allows():
             if target not in ALLOWED[pkg]:
                 broken += [f"{w}: {pkg} must not import {target}" for w in where]
     assert not broken, "import rules broken:\n" + "\n".join(broken)
+
+
+def test_others_import_only_the_feedback_client_which_needs_only_the_standard_library():
+    broken = []
+    for rel, pkg, tree in parsed():
+        module = ".".join(rel.with_suffix("").parts)
+        for line, name in imports_of(tree, pkg):
+            top = name.split(".")[0]
+            if pkg != "feedback" and top == "feedback" and name not in FEEDBACK_CLIENT:
+                broken.append(f"{rel}:{line}: {pkg} imports {name} "
+                              f"(only {sorted(FEEDBACK_CLIENT)})")
+            if module in FEEDBACK_CLIENT and not (name in FEEDBACK_CLIENT or name == "__future__"
+                                                  or top in sys.stdlib_module_names):
+                broken.append(f"{rel}:{line}: the feedback client imports {name}")
+    assert not broken, "feedback client rules broken:\n" + "\n".join(broken)
 
 
 def test_no_import_cycle_between_packages():

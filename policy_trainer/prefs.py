@@ -112,6 +112,13 @@ class DataReport:
                 "encoded_pairs": self.encoded_pairs,
                 "errors": [f"{self.file.where(n)}: {m}" for n, m in self.errors]}
 
+    def describe(self, max_length: int) -> str:
+        """One line for the training log."""
+        return (f"{self.path}: {self.lines} lines ({self.blank_lines} blank, {self.bad_lines} "
+                f"bad skipped), {self.pairs} pairs ({self.rankings} rankings expanded), "
+                f"{self.truncated_pairs} truncated to the last {max_length} tokens, "
+                f"{self.dropped_long_pairs} dropped as too long")
+
 
 # -- parsing ------------------------------------------------------------------------------------
 

@@ -3,6 +3,9 @@ preference pairs, and how calibrated it is (the metrics: :mod:`policy_trainer.rm
 
     policy-trainer rm-eval --model DIR --data prefs.jsonl [--out DIR] ...
 
+An ensemble (``--ensemble K``, rm_ensemble.py) is evaluated as its members' mean, and eval.json
+adds the members' accuracies and disagreement (``rm_metrics.ensemble_metrics``).
+
 Writes eval.json (the metrics), eval_scores.jsonl (one line per pair) and, when matplotlib
 (the ``[plots]`` extra) is installed, eval.png, into an output directory of their own:
 ``--out``, by default ``rm-eval-<model name>-<data name>`` in the current directory (never
@@ -26,7 +29,8 @@ from policy_trainer.device import pick_device
 from policy_trainer.errors import UserError
 from policy_trainer.plots import plot_eval, plots_missing
 from policy_trainer.prefs import EncodedPair, encode_pairs, read_preferences
-from policy_trainer.rm_metrics import pair_metrics
+from policy_trainer.rm_ensemble import ensemble_of
+from policy_trainer.rm_metrics import ensemble_metrics, pair_metrics
 from policy_trainer.rm_model import score_pairs, use_recipe
 
 
@@ -96,6 +100,16 @@ def one_line(m: dict) -> str:
             f"Δ {m['delta_mean']:.2f} ± {m['delta_std']:.2f}, ECE {m['ece']:.3f}")
 
 
+def ensemble_line(e: dict) -> str:
+    d, acc = e["disagreement"], e["accuracy"]
+    return (f"{e['members']} members, accuracy {min(e['member_accuracy']):.3f}–"
+            f"{max(e['member_accuracy']):.3f} each, mean {acc['mean']:.3f}, min {acc['min']:.3f}, "
+            f"uwo {acc['uwo']:.3f}; disagreement: std of Δ across members {d['delta_std']:.3f} "
+            f"(p90 {d['delta_std_p90']:.3f}), of rewards {d['reward_std']:.3f}, pairs ordered "
+            f"differently {d['order_disagreement']:.1%}, "
+            f"Δ correlation {d['delta_correlation']:.3f}")
+
+
 def evaluate(cfg: EvalConfig) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -111,22 +125,29 @@ def evaluate(cfg: EvalConfig) -> int:
     pairs, report = read_preferences(cfg.data, cfg.bad_lines)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
-    if model.config.num_labels != 1:
-        raise UserError(f"{model_dir} has {model.config.num_labels} labels; a reward model has 1")
+    ensemble = ensemble_of(model.config)
+    if model.config.num_labels != 1 and ensemble is None:
+        raise UserError(f"{model_dir} has {model.config.num_labels} labels and is not an "
+                        "ensemble (config.json reward_ensemble); a reward model has 1")
     max_length = cfg.max_length or max_sequence_length(model.config, tok)
     recipe = use_recipe(model, cfg.recipe, model_dir)
     encoder = Encoder(tok, max_length, model.config.get_text_config().vocab_size,
                       truncation="left", recipe=recipe)
     encoded = encode_pairs(pairs, encoder, report, cfg.truncation)
     show = cfg.progress and sys.stderr.isatty()
-    r_w, r_l = score_pairs(model, encoded, device, cfg.batch_size, progress=show)
+    r_w, r_l = score_pairs(model, encoded, device, cfg.batch_size, progress=show, heads=True)
     out = Path(cfg.out) if cfg.out else default_out(model_dir, cfg.data)
     no_plots = plots_missing()
-    metrics = write_report(out, encoded, r_w, r_l, cfg.bins, title=model_dir.name,
-                           extra={"data": report.summary(), "max_length": max_length},
-                           plot=no_plots is None)
+    extra = {"data": report.summary(), "max_length": max_length}
+    if ensemble:  # the report is the members' mean's, and their disagreement
+        extra["ensemble"] = ensemble_metrics(r_w.numpy(), r_l.numpy(),
+                                             ensemble["uncertainty_coef"])
+    metrics = write_report(out, encoded, r_w.mean(1), r_l.mean(1), cfg.bins, extra=extra,
+                           title=model_dir.name, plot=no_plots is None)
     print(f"eval: {one_line(metrics)}; {report.truncated_pairs} truncated, "
           f"{report.dropped_long_pairs} dropped, {report.bad_lines} bad line(s) skipped")
+    if ensemble:
+        print(f"eval: ensemble: {ensemble_line(extra['ensemble'])}")
     print(f"eval: wrote {out / 'eval.json'}" + ("" if no_plots else f", {out / 'eval.png'}"))
     if no_plots:
         print(f"eval: {no_plots}", file=sys.stderr)

@@ -11,7 +11,12 @@ For a pair, Δ = r_w − r_l (chosen minus rejected). Reported:
   compare the mean confidence with the observed agreement; the expected calibration error is
   ECE = Σ_b (n_b / n) · |acc_b − conf_b| (Guo et al. 2017);
 - rewards: mean and std over both responses of every pair (the normalization statistics);
-- Spearman's rank correlation, for an RM's scores against a known gold reward.
+- Spearman's rank correlation, for an RM's scores against a known gold reward;
+- an ensemble's members (scores (N, K)): each member's accuracy, that of the mean, the min and
+  uwo = mean − λ·std, and how much the members disagree on held-out pairs: the std across
+  members of Δ (free of the members' offsets), of each response's reward with each member
+  centered on its own mean, the share of pairs the members do not all order alike, and the
+  members' mean pairwise correlation of Δ.
 """
 
 from __future__ import annotations
@@ -91,4 +96,39 @@ def pair_metrics(r_chosen, r_rejected, bins: int = 10, hist_bins: int = 20) -> d
         "calibration": table,
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
+    }
+
+
+def ensemble_metrics(r_chosen, r_rejected, uncertainty_coef: float = 1.0) -> dict:
+    """The members' accuracies and disagreement; r_chosen, r_rejected: (N, K) member scores.
+    std is over the K members (population, 1/K), as the server's aggregation computes it."""
+    r_w, r_l = np.asarray(r_chosen, dtype=np.float64), np.asarray(r_rejected, dtype=np.float64)
+    delta = r_w - r_l  # (N, K)
+    rewards = np.concatenate([r_w, r_l])  # (2N, K)
+    centered = rewards - rewards.mean(0)  # each member on its own mean
+
+    def uwo(r):  # rm_server/heads.py and rm_client/ensemble.py define the same
+        return r.mean(1) - uncertainty_coef * r.std(1)
+
+    k = delta.shape[1]
+    z = delta - delta.mean(0)
+    norm = np.sqrt((z * z).sum(0))  # (K,); a member with constant Δ has no correlation
+    ok = norm > 0
+    corr = (z[:, ok].T @ z[:, ok]) / np.outer(norm[ok], norm[ok])
+    off_diagonal = corr[~np.eye(int(ok.sum()), dtype=bool)]
+    return {
+        "members": int(k),
+        "member_accuracy": [float(pairwise_accuracy(r_w[:, j], r_l[:, j])) for j in range(k)],
+        "accuracy": {"mean": float(pairwise_accuracy(r_w.mean(1), r_l.mean(1))),
+                     "min": float(pairwise_accuracy(r_w.min(1), r_l.min(1))),
+                     "uwo": float(pairwise_accuracy(uwo(r_w), uwo(r_l)))},
+        "uncertainty_coef": uncertainty_coef,
+        "disagreement": {
+            "delta_std": float(delta.std(1).mean()),
+            "delta_std_p90": float(np.quantile(delta.std(1), 0.9)),
+            "reward_std": float(centered.std(1).mean()),
+            "reward_std_p90": float(np.quantile(centered.std(1), 0.9)),
+            "order_disagreement": float(np.mean((delta > 0).any(1) & (delta < 0).any(1))),
+            "delta_correlation": float(off_diagonal.mean()) if off_diagonal.size else 1.0,
+        },
     }

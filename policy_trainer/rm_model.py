@@ -32,17 +32,20 @@ DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "attn_pdrop", 
                 "attention_probs_dropout_prob", "classifier_dropout")
 
 
-def load_model(path: str | Path, seed: int, disable_dropout: bool):
-    """A 1-label sequence-classification model in fp32; (model, names of new head weights)."""
+def load_model(path: str | Path, seed: int, disable_dropout: bool, members: int = 1):
+    """A sequence-classification model in fp32 with one label, or ``members`` labels (an
+    ensemble's heads, rm_ensemble.py); (model, names of new head weights)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(path)
     archs = config.architectures or []
-    if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
-        raise UserError(f"{path} is a classifier with {config.num_labels} labels; "
-                        "a reward model has 1")
-    config.num_labels = 1
-    config.id2label, config.label2id = {0: "reward"}, {"reward": 0}
+    classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    if classifier and config.num_labels != members:
+        what = "a reward model has 1" if members == 1 else f"--ensemble asks for {members}"
+        raise UserError(f"{path} is a classifier with {config.num_labels} labels; {what}")
+    names = ["reward"] if members == 1 else [f"member_{k}" for k in range(members)]
+    config.num_labels = members
+    config.id2label, config.label2id = dict(enumerate(names)), {n: k for k, n in enumerate(names)}
     if disable_dropout:
         text = config.get_text_config()
         for obj in {id(config): config, id(text): text}.values():
@@ -110,22 +113,33 @@ def recipe_of(model) -> Recipe:
 
 
 def forward_rewards(model, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Scalar rewards (B,) fp32 of the model's own forward; with grad if grad is enabled."""
+    """Scalar rewards (B,) fp32 of the model's own forward (its first head); with grad if grad
+    is enabled."""
+    return forward_heads(model, seqs, device)[:, 0]
+
+
+def forward_heads(model, seqs: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Every head's score (B, K) fp32 of the model's own forward (K = 1 for a plain RM, the
+    members of an ensemble); with grad if grad is enabled."""
     pad_id = model.config.get_text_config().pad_token_id
     if pad_id is None:  # HF refuses batches without a pad id: score one at a time
-        return torch.cat([forward_rewards_one(model, s, device) for s in seqs])
+        return torch.cat([_heads_one(model, s, device) for s in seqs])
     if recipe_of(model).position == "last":  # the last token, whatever its id (OpenRLHF)
         pad_id = _absent_last_id(seqs, pad_id)
     ids, mask = pad(seqs, pad_id)  # (B, T) each, right-padded
     with _pad_token_id(model, pad_id):
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                     **_type_ids(seqs, ids.shape[1], device))
-    return out.logits[:, 0].float()  # (B,)
+    return out.logits.float()  # (B, K)
 
 
 def forward_rewards_one(model, seq: list[int], device: torch.device) -> torch.Tensor:
+    return _heads_one(model, seq, device)[:, 0]
+
+
+def _heads_one(model, seq: list[int], device: torch.device) -> torch.Tensor:
     ids = torch.tensor([seq], dtype=torch.long, device=device)
-    return model(input_ids=ids, **_type_ids([seq], len(seq), device)).logits[:, 0].float()
+    return model(input_ids=ids, **_type_ids([seq], len(seq), device)).logits.float()  # (1, K)
 
 
 def _type_ids(seqs: list[list[int]], t: int, device) -> dict:
@@ -163,19 +177,21 @@ def _pad_token_id(model, pad_id: int):
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[EncodedPair], device: torch.device, batch_size: int = 32,
-                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected), each (N,) fp32 on the CPU, in the order of ``pairs``.
+                progress: bool = False, heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (N,) fp32 on the CPU (the first head), or (N, K) with
+    ``heads`` (every head: an ensemble's members), in the order of ``pairs``.
 
     Pairs are scored in length-sorted batches (less padding); the order is restored.
     """
     from tqdm.auto import tqdm
 
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
-    r_w, r_l = torch.empty(len(pairs)), torch.empty(len(pairs))
+    k = model.config.num_labels if heads else 1
+    r_w, r_l = torch.empty(len(pairs), k), torch.empty(len(pairs), k)
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc="scoring", unit="batch", disable=not progress, leave=False):
         idx = order[s:s + batch_size]
         seqs = [pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx]
-        r = forward_rewards(model, seqs, device).cpu()  # (2m,)
+        r = forward_heads(model, seqs, device)[:, :k].cpu()  # (2m, k)
         r_w[idx], r_l[idx] = r[:len(idx)], r[len(idx):]
-    return r_w, r_l
+    return (r_w, r_l) if heads else (r_w[:, 0], r_l[:, 0])

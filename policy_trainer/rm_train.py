@@ -6,14 +6,16 @@ the Bradley-Terry loss.
 1. data: parse the JSONL (prefs.py) and tokenize through the shared Encoder, the server's own
    tokenization; split off an eval set by source line (a ranking stays together).
 2. model: ``AutoModelForSequenceClassification`` with one label from ``--base`` (rm_model.py:
-   a causal-LM base gets a new scalar head), at most the model's max length.
+   a causal-LM base gets a new scalar head), at most the model's max length; with
+   ``--ensemble K``, K heads, each member on its own bootstrap resample (rm_ensemble.py).
 3. AdamW (no decay on biases and norms), linear warm-up then cosine/linear decay (optim.py),
    gradient accumulation over length-sorted micro-batches (the sum over micro-batches equals
    the batch).
 4. the loop: BT loss −log σ(r_w − r_l − m) + c·(r_w + r_l)² (bt_loss.py); eval on the eval
    split; checkpoints; one row per step in train_log.jsonl.
 5. finish: a plain HuggingFace checkpoint in OUT (serve it, or from_pretrained it, as it is),
-   reward_stats.json (mean/std of rewards on the eval split, for GetModelInfo), eval.json,
+   reward_stats.json (mean/std of rewards on the eval split, for GetModelInfo; an
+   ensemble's: of the members' mean), eval.json (an ensemble's: with its members' disagreement),
    eval_scores.jsonl (scores of the eval pairs as trained), and the plots eval.png and
    train_curves.png when matplotlib (the ``[plots]`` extra) is installed.
 
@@ -33,113 +35,34 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from policy_trainer import checkpoint
+from policy_trainer import checkpoint, rm_ensemble
 from policy_trainer.bt_loss import bradley_terry_loss
-from policy_trainer.data import BadLinePolicy, epoch_batch, max_sequence_length, split_eval
+from policy_trainer.data import epoch_batch, max_sequence_length, split_eval
 from policy_trainer.device import pick_device
 from policy_trainer.errors import UserError
-from policy_trainer.optim import Schedule, build_optimizer
+from policy_trainer.optim import build_optimizer
 from policy_trainer.plots import plot_training, plots_missing
-from policy_trainer.prefs import DataReport, EncodedPair, encode_pairs, read_preferences
-from policy_trainer.rm_eval import one_line, write_report
-from policy_trainer.rm_metrics import agreement, pairwise_accuracy
+from policy_trainer.prefs import EncodedPair, encode_pairs, read_preferences
+from policy_trainer.rm_config import TrainConfig
+from policy_trainer.rm_eval import ensemble_line, one_line, write_report
+from policy_trainer.rm_metrics import agreement, ensemble_metrics, pairwise_accuracy
 from policy_trainer.rm_model import (
     ensure_pad,
-    forward_rewards,
+    forward_heads,
     load_model,
     recipe_of,
     score_pairs,
     use_recipe,
 )
 from policy_trainer.runlog import NullLog, RunLog, progress_bar, read_log
-from policy_trainer.scaling import Run, ScaleConfig
+from policy_trainer.scaling import Run
 from protos.encoding import Encoder
 from protos.recipes import save_recipe
-
-
-@dataclass
-class TrainConfig(ScaleConfig):
-    data: str
-    """Preference data: JSONL, a Parquet file or a saved `datasets` directory; records
-    {prompt, chosen, rejected[, margin]}, {chosen, rejected} (implicit prompt), chat message
-    lists, or {prompt, ranking}."""
-    base: str
-    """Base checkpoint: a causal LM (a scalar head is added) or a 1-label sequence-classification
-    model."""
-    out: str
-    """Output directory: the servable checkpoint, stats, logs and plots (the resumable
-    checkpoints go to --checkpoint-dir)."""
-    eval_data: str | None = None
-    """Separate preference data for evaluation (default: hold out --eval-fraction of --data)."""
-    eval_fraction: float = 0.05
-    """Fraction of --data lines held out for evaluation when --eval-data is not given."""
-    max_length: int | None = None
-    """Maximum tokens per sequence (default: the base's limit, at most its position table)."""
-    recipe: str | None = None
-    """Scoring recipe: how pairs become token ids (rm-server, trl, trl-grpo, openrlhf,
-    encoder-pair, or a JSON file); stored with the checkpoint (scoring_recipe.json) so that the
-    server applies the same. Default: the base's stored recipe, encoder-pair for encoders (BERT,
-    DeBERTa, ...), else rm-server."""
-    truncation: Literal["left", "drop", "error"] = "left"
-    """Over-long pairs: left keeps the end (the scored token) and counts them; drop skips them;
-    error stops."""
-    bad_lines: BadLinePolicy = "error"
-    """Malformed lines: error refuses the file (listing line numbers); skip skips and counts
-    them."""
-    epochs: int = 1
-    """Passes over the training pairs."""
-    max_steps: int | None = None
-    """Optimizer steps in all (overrides --epochs)."""
-    batch_size: int = 32
-    """Pairs per optimizer step."""
-    micro_batch_size: int | None = None
-    """Pairs per forward pass; gradients accumulate over batch_size / micro_batch_size passes."""
-    lr: float = 1e-5
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (not applied to biases and norm weights)."""
-    warmup_ratio: float = 0.05
-    """Fraction of the steps with a linear learning-rate warm-up from 0."""
-    schedule: Schedule = "cosine"
-    """Learning-rate decay after warm-up (towards 0 at the last step for cosine and linear)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm (0: off)."""
-    use_margin: bool = True
-    """Use each pair's optional margin m in −log σ(r_w − r_l − m)."""
-    center_coef: float = 0.0
-    """Reward centering: add c·(r_w + r_l)² to the loss (0.01 is TRL's recommendation)."""
-    eval_every: int = 0
-    """Evaluate on the eval split every N steps (0: at the end of every epoch)."""
-    eval_batch_size: int = 32
-    """Pairs per forward pass when evaluating."""
-    save_every: int = 500
-    """Write a resumable checkpoint to --checkpoint-dir every N steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep (0: all)."""
-    checkpoint_dir: str | None = None
-    """Directory for the resumable checkpoints (step-N/: weights, optimizer, RNG; about 3x the
-    model); default OUT.checkpoints beside OUT, or OUT/checkpoints for a run begun there."""
-    resume: bool = False
-    """Continue from the newest checkpoint in --checkpoint-dir."""
-    seed: int = 0
-    """Seed for the split, the data order and the head initialization."""
-    disable_dropout: bool = True
-    """Turn dropout off (common for reward models; makes steps deterministic)."""
-    device: str = "auto"
-    """Torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
-    threads: int | None = None
-    """torch CPU threads (default: torch's choice)."""
-    progress: bool = True
-    """Show a progress bar (only when stderr is a terminal)."""
-    log_every: int = 50
-    """Print a progress line every N steps when the bar is not shown (0: never)."""
-
 
 # -- 1. data ------------------------------------------------------------------------------------
 
@@ -156,27 +79,26 @@ def load_data(cfg: TrainConfig, encoder: Encoder):
     return train_set, eval_set, reports
 
 
-def describe(r: DataReport, max_length: int) -> str:
-    return (f"{r.path}: {r.lines} lines ({r.blank_lines} blank, {r.bad_lines} bad skipped), "
-            f"{r.pairs} pairs ({r.rankings} rankings expanded), {r.truncated_pairs} truncated "
-            f"to the last {max_length} tokens, {r.dropped_long_pairs} dropped as too long")
-
-
 # -- 4. one step --------------------------------------------------------------------------------
 
-def train_step(model, batch: list[EncodedPair], cfg: TrainConfig, micro: int, device) -> dict:
-    """Forward/backward over length-sorted micro-batches; gradients sum to the batch mean."""
+def train_step(model, batch: list[EncodedPair], cfg: TrainConfig, micro: int, device,
+               counts: torch.Tensor | None = None) -> dict:
+    """Forward/backward over length-sorted micro-batches; gradients sum to the batch mean.
+    ``counts`` (n, K): an ensemble's bootstrap counts of the batch's pairs (rm_ensemble.py);
+    accuracy and Δ are those of the members' mean."""
     n = len(batch)
-    batch = sorted(batch, key=lambda p: p.length)
+    order = sorted(range(n), key=lambda i: batch[i].length)
     loss_sum, correct, delta_sum = 0.0, 0.0, 0.0
     for s in range(0, n, micro):
-        mb = batch[s:s + micro]
-        r = forward_rewards(model, [p.chosen for p in mb] + [p.rejected for p in mb], device)
-        r_w, r_l = r[:len(mb)], r[len(mb):]  # (m,), (m,)
+        idx = order[s:s + micro]
+        mb = [batch[i] for i in idx]
+        r = forward_heads(model, [p.chosen for p in mb] + [p.rejected for p in mb], device)
+        r_w, r_l = r[:len(mb)], r[len(mb):]  # (m, K), (m, K)
         margin = torch.tensor([p.margin for p in mb], device=device) if cfg.use_margin else None
-        loss = bradley_terry_loss(r_w, r_l, margin, cfg.center_coef, reduction="sum")
+        c = None if counts is None else counts[idx].to(device)  # (m, K)
+        loss = rm_ensemble.member_loss(r_w, r_l, c, margin, cfg.centering)
         (loss / n).backward()
-        delta = (r_w - r_l).detach()
+        delta = (r_w - r_l).detach().mean(1)  # (m,) the members' mean
         loss_sum += loss.item()  # .item() syncs with the device; once per micro-batch is fine
         correct += agreement(delta).sum().item()
         delta_sum += delta.sum().item()
@@ -185,12 +107,15 @@ def train_step(model, batch: list[EncodedPair], cfg: TrainConfig, micro: int, de
 
 def eval_row(model, pairs: list[EncodedPair], cfg: TrainConfig, device) -> dict:
     model.eval()
-    r_w, r_l = score_pairs(model, pairs, device, cfg.eval_batch_size)
+    r_w, r_l = score_pairs(model, pairs, device, cfg.eval_batch_size, heads=True)  # (N, K)
     model.train()
-    margin = torch.tensor([p.margin for p in pairs]) if cfg.use_margin else None
-    return {"loss": bradley_terry_loss(r_w, r_l, margin, cfg.center_coef).item(),
-            "accuracy": pairwise_accuracy(r_w, r_l).item(),
-            "delta_mean": (r_w - r_l).mean().item()}
+    margin = torch.tensor([p.margin for p in pairs])[:, None] if cfg.use_margin else None
+    row = {"loss": bradley_terry_loss(r_w, r_l, margin, cfg.centering).item(),
+           "accuracy": pairwise_accuracy(r_w.mean(1), r_l.mean(1)).item(),
+           "delta_mean": (r_w - r_l).mean().item()}
+    if cfg.ensemble > 1:  # the members' disagreement on Δ (offset-free)
+        row["member_delta_std"] = (r_w - r_l).std(1, correction=0).mean().item()
+    return row
 
 
 # -- the entry point ----------------------------------------------------------------------------
@@ -215,7 +140,12 @@ def train(cfg: TrainConfig) -> int:
     tokenizer = AutoTokenizer.from_pretrained(source)
 
     # 2. model (first: the Encoder needs its vocabulary and limits)
-    model, new_head = load_model(source, cfg.seed, cfg.disable_dropout)
+    if cfg.ensemble < 1:
+        raise UserError("--ensemble must be at least 1")
+    model, new_head = load_model(source, cfg.seed, cfg.disable_dropout, cfg.ensemble)
+    if cfg.ensemble > 1:  # config.json says so: the server's default aggregation, how made
+        rm_ensemble.mark(model.config, cfg.ensemble, cfg.ensemble_aggregation,
+                         cfg.uncertainty_coef, cfg.ensemble_bootstrap, cfg.centering, cfg.seed)
     pad_note = ensure_pad(tokenizer, model.config)
     limit = max_sequence_length(model.config, tokenizer)
     max_length = cfg.max_length or limit
@@ -233,15 +163,18 @@ def train(cfg: TrainConfig) -> int:
     train_set, eval_set, reports = load_data(cfg, encoder)
     fingerprint = {"data": reports["train"].file.sha256[:16], "num_train_pairs": len(train_set),
                    "eval_data": reports["eval"].file.sha256[:16] if cfg.eval_data else None,
-                   "batch_size": cfg.batch_size, "seed": cfg.seed, "recipe": recipe.name}
+                   "batch_size": cfg.batch_size, "seed": cfg.seed, "recipe": recipe.name,
+                   **({"ensemble": cfg.ensemble} if cfg.ensemble > 1 else {})}
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     micro = cfg.micro_batch_size or cfg.batch_size
+    counts = (rm_ensemble.bootstrap_counts(len(train_set), cfg.ensemble, cfg.seed)
+              if cfg.ensemble > 1 and cfg.ensemble_bootstrap else None)  # (N, K)
     for report in reports.values():
-        print(f"data: {describe(report, max_length)}")
+        print(f"data: {report.describe(max_length)}")
     print(f"split: {len(train_set)} train pairs, {len(eval_set)} eval pairs")
     print(f"model: {source} as {type(model).__name__}, "
-          f"{'new scalar head' if new_head else 'its own head'}, {pad_note}, "
+          f"{'its own head' if not new_head else f'{cfg.ensemble} new head(s)'}, {pad_note}, "
           f"max_length {max_length}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters on {device}")
     print(f"train: {total_steps} steps of {cfg.batch_size} pairs "
@@ -272,8 +205,9 @@ def train(cfg: TrainConfig) -> int:
     for step in range(start, total_steps):
         epoch, batch_in_epoch = divmod(step, steps_per_epoch)
         batch = epoch_batch(len(train_set), cfg.batch_size, epoch, batch_in_epoch, cfg.seed)
-        stats = run.mean(train_step(model, run.share([train_set[i] for i in batch]), cfg, micro,
-                                    device))  # each rank its share; FSDP2 averages gradients
+        mine = run.share(batch)  # each rank its share; FSDP2 averages gradients
+        stats = run.mean(train_step(model, [train_set[i] for i in mine], cfg, micro, device,
+                                    None if counts is None else counts[mine]))
         grad_norm = run.clip_grad_norm(model.parameters(), cfg.max_grad_norm)
         lr = sched.get_last_lr()[0]
         opt.step()
@@ -317,8 +251,8 @@ def finish(cfg, out: Path, model, tokenizer, train_set, eval_set, device, summar
     model.eval()
     split = "eval" if eval_set else "train"
     pairs = eval_set or train_set
-    r_w, r_l = score_pairs(model, pairs, device, cfg.eval_batch_size)  # the scores as trained
-    rewards = torch.cat([r_w, r_l])
+    r_w, r_l = score_pairs(model, pairs, device, cfg.eval_batch_size, heads=True)  # (N, K)
+    rewards = torch.cat([r_w, r_l]).mean(1)  # the scores as trained (an ensemble: the mean)
     stats = {"mean": rewards.mean().item(), "std": rewards.std(correction=0).item(),
              "num_samples": rewards.numel(), "split": split}
     run.save_pretrained(model, out)  # plain, the LoRA adapter merged in: servable as it is
@@ -328,8 +262,11 @@ def finish(cfg, out: Path, model, tokenizer, train_set, eval_set, device, summar
     save_recipe(out, recipe_of(model))  # scoring_recipe.json: the server applies the same
     (out / "reward_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     no_plots = plots_missing()  # the checkpoint is written: a missing extra must not crash
-    metrics = write_report(out, pairs, r_w, r_l, bins=10, title=f"{out.name} ({split} split)",
-                           extra={"split": split}, plot=no_plots is None)
+    extra = {"split": split}
+    if cfg.ensemble > 1:  # the members' disagreement on these held-out pairs
+        extra["ensemble"] = ensemble_metrics(r_w.numpy(), r_l.numpy(), cfg.uncertainty_coef)
+    metrics = write_report(out, pairs, r_w.mean(1), r_l.mean(1), bins=10, extra=extra,
+                           title=f"{out.name} ({split} split)", plot=no_plots is None)
     if no_plots is None:
         plot_training(read_log(out / "train_log.jsonl"), out / "train_curves.png")
     keys = ("pairs", "accuracy", "loss", "delta_mean", "delta_std", "ece")
@@ -337,6 +274,8 @@ def finish(cfg, out: Path, model, tokenizer, train_set, eval_set, device, summar
         {**summary, "eval": {k: metrics[k] for k in keys}, "reward_stats": stats},
         indent=2) + "\n")
     print(f"eval ({split} split): {one_line(metrics)}")
+    if cfg.ensemble > 1:
+        print(f"ensemble ({split} split): {ensemble_line(extra['ensemble'])}")
     pngs = "" if no_plots else "eval.png, train_curves.png, "
     print(f"wrote {out}: checkpoint, reward_stats.json, eval.json, {pngs}train_log.jsonl")
     if no_plots:

@@ -10,7 +10,8 @@
 
 Then the scores are collected. A rollout the RM finally failed on gets a NaN score: the loop
 masks it out of everything after (zero weight in every loss and in whitening) and counts it;
-it is never given a reward.
+it is never given a reward. The score is the server's reward, or, with --reward-aggregation, the
+aggregation of an ensemble's members that each result carries (rm_client/ensemble.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from policy_trainer.ppo_setup import Models, Prompts
 from policy_trainer.ppo_update import rollout_logprobs
 from policy_trainer.rollout import Rollouts
 from policy_trainer.scoring import Collected, RMScorer, make_sample
+from rm_client import ScoreResult
+from rm_client.ensemble import aggregate, member_mean_std
 
 
 def generate_and_score(step: int, prompt_rows: list[int], models: Models, prompts: Prompts,
@@ -59,9 +62,24 @@ def generate_and_score(step: int, prompt_rows: list[int], models: Models, prompt
         rollout_logprobs(rollouts, models.nets, cfg, micro_batches)
     with timer("score"):  # only the time spent waiting on the RM
         scored.merge(scorer.collect())
-    scores = torch.tensor([scored.results[i].reward if i in scored.results else math.nan
+    scores = torch.tensor([score_of(scored.results[i], cfg) if i in scored.results else math.nan
                            for i in sample_ids], dtype=torch.float32, device=device)  # (B,)
     return rollouts, scores, scored
+
+
+def score_of(result: ScoreResult, cfg: PPOConfig) -> float:
+    """The reward PPO optimizes: the server's, or the members' aggregation asked for."""
+    if cfg.reward_aggregation is None:
+        return result.reward
+    return aggregate(result.head_scores, cfg.reward_aggregation, cfg.uncertainty_coef)
+
+
+def member_sums(results) -> dict[str, float]:
+    """Sums over the results of their members' mean and std (for the step log; a result without
+    members counts in neither)."""
+    stats = [member_mean_std(r.head_scores) for r in results if len(r.head_scores) > 1]
+    return {"member_scored": float(len(stats)), "member_mean": sum(m for m, _ in stats),
+            "member_std": sum(s for _, s in stats)}
 
 
 def rm_samples(rollouts: Rollouts, sample_ids: list[str], rm_input: str, models: Models,

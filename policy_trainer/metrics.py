@@ -30,6 +30,9 @@ GAUGES = {
     "entropy": ("ppo_entropy", "Mean per-token policy entropy (nats)"),
     "explained_variance": ("ppo_explained_variance", "1 - Var[R - V] / Var[R] of the critic"),
     "response_length": ("ppo_response_length_tokens", "Mean response length in tokens"),
+    "member_std": ("ppo_reward_member_std", "An ensemble RM: mean over the step's rollouts of the "
+                   "std of its members' scores (their disagreement)"),
+    "member_mean": ("ppo_reward_member_mean", "An ensemble RM: mean of its members' scores"),
     "lr": ("ppo_learning_rate", "Policy learning rate this step"),
 }
 

@@ -103,6 +103,12 @@ class PPOConfig(ScaleConfig):
     """Target per-sequence KL (nats) of the adaptive controller."""
     kl_horizon: float = 10000.0
     """Horizon (rollouts) of the adaptive controller."""
+    reward_aggregation: Literal["mean", "min", "uwo"] | None = None
+    """An ensemble RM (results carry its members' scores): the reward to optimize, made here from
+    the members: mean, min (worst case) or uwo = mean − λ·std (Coste et al. 2023). Default: the
+    server's reward, its own default aggregation (ModelInfo.reward_aggregation)."""
+    uncertainty_coef: float = 1.0
+    """λ of --reward-aggregation uwo (mean − λ·std over the members)."""
     normalize_reward: bool = False
     """(score - mean) / std with the server's reward statistics (ModelInfo) before penalties and
     clipping."""
@@ -192,6 +198,8 @@ class PPOConfig(ScaleConfig):
             raise UserError("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0")
         if self.kl_coef < 0 or (self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0)):
             raise UserError("--kl-coef must be >= 0; --kl-target and --kl-horizon > 0")
+        if self.uncertainty_coef < 0:
+            raise UserError("--uncertainty-coef must be >= 0")
         if self.reward_clip is not None and self.reward_clip <= 0:
             raise UserError("--reward-clip must be > 0")
         if not 0.0 <= self.max_failed_fraction <= 1.0:

@@ -46,7 +46,7 @@ from policy_trainer import checkpoint, distributed, ppo, ppo_nets
 from policy_trainer.data import batch_indices
 from policy_trainer.device import pick_device
 from policy_trainer.errors import UserError
-from policy_trainer.experience import generate_and_score, rollout_texts
+from policy_trainer.experience import generate_and_score, member_sums, rollout_texts
 from policy_trainer.metrics import PHASES, PhaseTimer, PPOMetrics
 from policy_trainer.ppo_config import PPOConfig
 from policy_trainer.ppo_setup import (
@@ -160,7 +160,7 @@ def train(cfg: PPOConfig, run: Run, closers: list) -> int:
         kl_coef, lr = kl_ctl.value, schedulers[0].get_last_lr()[0]
         sums, explained_var = rewards_and_advantages(rollouts, scores, kl_coef, reward_norm, cfg,
                                                      dist)
-        sums = distributed.sum_across(dist, sums)
+        sums = distributed.sum_across(dist, {**sums, **member_sums(scored.results.values())})
 
         # 7. PPO epochs × minibatches (skipped, never zero-filled, if nothing was scored)
         with timer("train"):
@@ -281,7 +281,9 @@ def step_record(step: int, sums: dict, counts: dict, kl_coef: float, lr: float,
             "score_std": math.sqrt(max(sums["score_sq"] / n_valid - score ** 2, 0)),
             **{k: sums[k] / n_valid for k in ("kl", "kl_k1", "kl_k3", "non_score_reward",
                                               "reward")},
-            "kl_coef": kl_coef, "lr": lr, **means, **{k: int(v) for k, v in counts.items()}}
+            "kl_coef": kl_coef, "lr": lr, **means, **{k: int(v) for k, v in counts.items()},
+            **({k: sums[k] / sums["member_scored"] for k in ("member_mean", "member_std")}
+               if sums.get("member_scored") else {})}  # an ensemble's members, mean and spread
 
 
 def log_step(record: dict, total_steps: int) -> None:

@@ -146,6 +146,9 @@ def connect_rm(cfg: PPOConfig, m: Models) -> tuple[RMScorer, str, tuple[float, f
         info = scorer.model_info()
         mode = choose_input_mode(cfg.rm_input, info, m.tokenizer)
         norm = (0.0, 1.0)
+        if cfg.reward_aggregation and len(info.head_names) < 2:
+            raise RMError(f"--reward-aggregation {cfg.reward_aggregation}, but the RM has one "
+                          "head, not an ensemble's members")
         if cfg.normalize_reward:
             if not info.has_reward_stats or info.reward_std <= 0:
                 raise RMError("--normalize-reward, but the RM reports no reward statistics")

@@ -1,12 +1,18 @@
 """Reward-model ensembles on the training side (issue 21): ``rm-server train --ensemble K``
 trains K heads on one backbone, each on its own bootstrap resample, saved as one
 ``num_labels = K`` checkpoint marked as an ensemble; every member equals HF's ``logits[:, k]``
-scored alone; eval.json carries the members' disagreement; ``rm-eval`` reads it back."""
+scored alone; eval.json carries the members' disagreement; ``rm-eval`` reads it back. PPO
+optimizes the members' aggregation it asks for (``--reward-aggregation``) and logs their
+spread, against that ensemble served by a real ``rm-server serve``."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +25,11 @@ from policy_trainer.rm_ensemble import bootstrap_counts, ensemble_of, member_los
 from policy_trainer.rm_metrics import ensemble_metrics
 from protos.encoding import Encoder, TextInput
 from rm_server import cli
+from rm_server.launch import start_server
 from tests import tiny
 
 K = 3
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bootstrap_counts_resample_each_member_and_are_a_function_of_the_seed():
@@ -133,3 +141,53 @@ def test_an_ensemble_cannot_start_from_a_one_label_classifier(world, tmp_path, c
     rc = cli.main(["train", "--data", str(world["data"]), "--base", str(rm), "--out",
                    str(tmp_path / "o"), "--ensemble", "2", "--max-steps", "1", "--no-progress"])
     assert rc == 2 and "--ensemble asks for 2" in capsys.readouterr().err
+
+
+# -- the trainer: policy-trainer ppo --reward-aggregation {mean,min,uwo} --uncertainty-coef λ --
+
+def ppo(world, rm_address: str, out, *flags: str) -> subprocess.CompletedProcess:
+    prompts = world["root"] / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in tiny.corpus(8, 5)))
+    return subprocess.run(
+        [sys.executable, "-m", "policy_trainer.cli", "ppo", "--policy",
+         str(world["root"] / "base"), "--rm", rm_address, "--prompts", str(prompts),
+         "--out", str(out), "--batch-size", "8", "--mini-batch-size", "4",
+         "--micro-batch-size", "4", "--generation-batch-size", "8", "--max-new-tokens", "6",
+         "--num-ppo-epochs", "1", "--max-steps", "2", "--torch-threads", "1", "--no-progress",
+         "--no-tensorboard", "--checkpoint-every", "0", *flags],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+
+
+def test_ppo_optimizes_the_members_aggregation_and_logs_their_spread(world, tmp_path):
+    server = start_server(world["out"], "--num-threads", "1")
+    try:
+        proc = ppo(world, server.address, tmp_path / "uwo", "--reward-aggregation", "uwo",
+                   "--uncertainty-coef", "0.5", "--metrics-port", "0")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        plain = ppo(world, server.address, tmp_path / "server")  # the server's own reward
+        assert plain.returncode == 0, plain.stderr[-2000:]
+    finally:
+        server.stop()
+    logs = [json.loads(x) for x in (tmp_path / "uwo" / "train_log.jsonl").read_text().split("\n")
+            if x and "score" in x]
+    assert len(logs) == 2
+    for r in logs:  # score = mean over rollouts of (mean − λ·std) over the members
+        assert r["member_std"] > 0
+        assert r["score"] == pytest.approx(r["member_mean"] - 0.5 * r["member_std"], abs=1e-4)
+    for r in (json.loads(x) for x in (tmp_path / "server" / "train_log.jsonl").read_text()
+              .split("\n") if x and "score" in x):
+        assert r["member_std"] > 0 and r["score"] != pytest.approx(r["member_mean"])
+
+
+def test_an_aggregation_needs_an_ensemble_and_a_sane_lambda(world, tmp_path):
+    one_head = tiny.make_reward_model("llama", tiny.train_tokenizer(), tmp_path / "rm1")
+    server = start_server(one_head, "--num-threads", "1")
+    try:
+        proc = ppo(world, server.address, tmp_path / "o", "--reward-aggregation", "min")
+    finally:
+        server.stop()
+    assert proc.returncode == 1
+    assert "--reward-aggregation min, but the RM has one head" in proc.stderr
+    proc = ppo(world, "127.0.0.1:1", tmp_path / "p", "--uncertainty-coef", "-1")
+    assert proc.returncode == 2 and "--uncertainty-coef must be >= 0" in proc.stderr

@@ -7,10 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("samples",)
+    __slots__ = ("samples", "version")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
-    def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ...) -> None: ...
+    version: str
+    def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("id", "text", "conversation", "tokens", "full_text")
@@ -71,25 +73,31 @@ class ScoreResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("id", "reward", "num_tokens", "truncated", "head_scores")
+    __slots__ = ("id", "reward", "num_tokens", "truncated", "head_scores", "version", "version_label")
     ID_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     HEAD_SCORES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     reward: float
     num_tokens: int
     truncated: bool
     head_scores: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., head_scores: _Optional[_Iterable[float]] = ...) -> None: ...
+    version: str
+    version_label: str
+    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., head_scores: _Optional[_Iterable[float]] = ..., version: _Optional[str] = ..., version_label: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "max_length", "tokenizer_fingerprint", "has_reward_stats", "reward_mean", "reward_std", "model_type", "vocab_size", "dtype", "device", "truncation", "has_chat_template", "bos_token_id", "eos_token_id", "pad_token_id", "max_samples_per_request", "scoring_path", "num_parameters", "server_version", "recipe", "recipe_reason", "head_names", "reward_aggregation", "accepts_token_type_ids")
+    __slots__ = ("name", "version", "architecture", "max_length", "tokenizer_fingerprint", "has_reward_stats", "reward_mean", "reward_std", "model_type", "vocab_size", "dtype", "device", "truncation", "has_chat_template", "bos_token_id", "eos_token_id", "pad_token_id", "max_samples_per_request", "scoring_path", "num_parameters", "server_version", "recipe", "recipe_reason", "head_names", "reward_aggregation", "accepts_token_type_ids", "version_label", "resident_versions", "default_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +124,9 @@ class ModelInfo(_message.Message):
     HEAD_NAMES_FIELD_NUMBER: _ClassVar[int]
     REWARD_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_TOKEN_TYPE_IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -142,7 +153,62 @@ class ModelInfo(_message.Message):
     head_names: _containers.RepeatedScalarFieldContainer[str]
     reward_aggregation: str
     accepts_token_type_ids: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., max_length: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., has_reward_stats: _Optional[bool] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., truncation: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., scoring_path: _Optional[str] = ..., num_parameters: _Optional[int] = ..., server_version: _Optional[str] = ..., recipe: _Optional[_Union[ScoringRecipe, _Mapping]] = ..., recipe_reason: _Optional[str] = ..., head_names: _Optional[_Iterable[str]] = ..., reward_aggregation: _Optional[str] = ..., accepts_token_type_ids: _Optional[bool] = ...) -> None: ...
+    version_label: str
+    resident_versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    default_version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., max_length: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., has_reward_stats: _Optional[bool] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., truncation: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., scoring_path: _Optional[str] = ..., num_parameters: _Optional[int] = ..., server_version: _Optional[str] = ..., recipe: _Optional[_Union[ScoringRecipe, _Mapping]] = ..., recipe_reason: _Optional[str] = ..., head_names: _Optional[_Iterable[str]] = ..., reward_aggregation: _Optional[str] = ..., accepts_token_type_ids: _Optional[bool] = ..., version_label: _Optional[str] = ..., resident_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_version: _Optional[str] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "label", "is_default", "name", "tokenizer_fingerprint", "loaded_at", "load_seconds")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    label: str
+    is_default: bool
+    name: str
+    tokenizer_fingerprint: str
+    loaded_at: float
+    load_seconds: float
+    def __init__(self, version: _Optional[str] = ..., label: _Optional[str] = ..., is_default: _Optional[bool] = ..., name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., loaded_at: _Optional[float] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class LoadVersionRequest(_message.Message):
+    __slots__ = ("path", "label", "make_default")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    MAKE_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    label: str
+    make_default: bool
+    def __init__(self, path: _Optional[str] = ..., label: _Optional[str] = ..., make_default: _Optional[bool] = ...) -> None: ...
+
+class SetDefaultVersionRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class UnloadVersionRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class VersionsResponse(_message.Message):
+    __slots__ = ("version", "resident", "default_version", "unloaded")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    version: ModelVersion
+    resident: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    default_version: str
+    unloaded: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ..., resident: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_version: _Optional[str] = ..., unloaded: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
 
 class ScoringRecipe(_message.Message):
     __slots__ = ("name", "join", "special_tokens", "eos", "chat", "position", "summary")

@@ -84,7 +84,8 @@ class RewardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What is being served: name, weights hash, tokenizer fingerprint, limits, reward statistics.
+        """What is being served: name, weights hash, tokenizer fingerprint, limits, reward statistics;
+        the resident versions and the default (or, with GetModelInfoRequest.version, one of them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -196,6 +197,210 @@ class RewardService:
             '/rlhf.reward.v1.RewardService/GetModelInfo',
             protos_dot_reward__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_reward__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminServiceStub:
+    """Model versions, for operators: load a checkpoint into the running server, make a resident
+    version the default (a roll-forward, or a rollback), unload one. A service of its own, not
+    methods of RewardService: it has its own bearer token (--admin-token-file; without it the
+    service is not served at all), so a trainer's scoring token cannot swap the model, and a
+    proxy or NetworkPolicy can expose one service and not the other (as TF Serving's ModelService
+    sits beside its PredictionService).
+
+    A load runs on a thread of its own, never the model thread: the default keeps serving while
+    the new version loads and warms up; then new batches go to the new default and batches
+    already formed finish on the version they were formed for. Health stays SERVING throughout.
+    Errors: INVALID_ARGUMENT a checkpoint that cannot be loaded (one line; the default keeps
+    serving), or a label already naming another resident version; FAILED_PRECONDITION a version
+    that is not resident (the message names the resident ones), or unloading the default;
+    RESOURCE_EXHAUSTED not enough free memory for the new version. Calls run one at a time.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadVersion = channel.unary_unary(
+                '/rlhf.reward.v1.AdminService/LoadVersion',
+                request_serializer=protos_dot_reward__pb2.LoadVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_reward__pb2.VersionsResponse.FromString,
+                _registered_method=True)
+        self.SetDefaultVersion = channel.unary_unary(
+                '/rlhf.reward.v1.AdminService/SetDefaultVersion',
+                request_serializer=protos_dot_reward__pb2.SetDefaultVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_reward__pb2.VersionsResponse.FromString,
+                _registered_method=True)
+        self.UnloadVersion = channel.unary_unary(
+                '/rlhf.reward.v1.AdminService/UnloadVersion',
+                request_serializer=protos_dot_reward__pb2.UnloadVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_reward__pb2.VersionsResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """Model versions, for operators: load a checkpoint into the running server, make a resident
+    version the default (a roll-forward, or a rollback), unload one. A service of its own, not
+    methods of RewardService: it has its own bearer token (--admin-token-file; without it the
+    service is not served at all), so a trainer's scoring token cannot swap the model, and a
+    proxy or NetworkPolicy can expose one service and not the other (as TF Serving's ModelService
+    sits beside its PredictionService).
+
+    A load runs on a thread of its own, never the model thread: the default keeps serving while
+    the new version loads and warms up; then new batches go to the new default and batches
+    already formed finish on the version they were formed for. Health stays SERVING throughout.
+    Errors: INVALID_ARGUMENT a checkpoint that cannot be loaded (one line; the default keeps
+    serving), or a label already naming another resident version; FAILED_PRECONDITION a version
+    that is not resident (the message names the resident ones), or unloading the default;
+    RESOURCE_EXHAUSTED not enough free memory for the new version. Calls run one at a time.
+    """
+
+    def LoadVersion(self, request, context):
+        """Load (and warm up) a checkpoint; make it the default when asked. Loading weights that are
+        already resident loads nothing (it may relabel the version and make it the default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDefaultVersion(self, request, context):
+        """Make a resident version the default: new batches go to it (a rollback names an older one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadVersion(self, request, context):
+        """Unload a resident version that is not the default (its queued samples still finish on it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadVersion,
+                    request_deserializer=protos_dot_reward__pb2.LoadVersionRequest.FromString,
+                    response_serializer=protos_dot_reward__pb2.VersionsResponse.SerializeToString,
+            ),
+            'SetDefaultVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultVersion,
+                    request_deserializer=protos_dot_reward__pb2.SetDefaultVersionRequest.FromString,
+                    response_serializer=protos_dot_reward__pb2.VersionsResponse.SerializeToString,
+            ),
+            'UnloadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadVersion,
+                    request_deserializer=protos_dot_reward__pb2.UnloadVersionRequest.FromString,
+                    response_serializer=protos_dot_reward__pb2.VersionsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rlhf.reward.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rlhf.reward.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """Model versions, for operators: load a checkpoint into the running server, make a resident
+    version the default (a roll-forward, or a rollback), unload one. A service of its own, not
+    methods of RewardService: it has its own bearer token (--admin-token-file; without it the
+    service is not served at all), so a trainer's scoring token cannot swap the model, and a
+    proxy or NetworkPolicy can expose one service and not the other (as TF Serving's ModelService
+    sits beside its PredictionService).
+
+    A load runs on a thread of its own, never the model thread: the default keeps serving while
+    the new version loads and warms up; then new batches go to the new default and batches
+    already formed finish on the version they were formed for. Health stays SERVING throughout.
+    Errors: INVALID_ARGUMENT a checkpoint that cannot be loaded (one line; the default keeps
+    serving), or a label already naming another resident version; FAILED_PRECONDITION a version
+    that is not resident (the message names the resident ones), or unloading the default;
+    RESOURCE_EXHAUSTED not enough free memory for the new version. Calls run one at a time.
+    """
+
+    @staticmethod
+    def LoadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.reward.v1.AdminService/LoadVersion',
+            protos_dot_reward__pb2.LoadVersionRequest.SerializeToString,
+            protos_dot_reward__pb2.VersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDefaultVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.reward.v1.AdminService/SetDefaultVersion',
+            protos_dot_reward__pb2.SetDefaultVersionRequest.SerializeToString,
+            protos_dot_reward__pb2.VersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.reward.v1.AdminService/UnloadVersion',
+            protos_dot_reward__pb2.UnloadVersionRequest.SerializeToString,
+            protos_dot_reward__pb2.VersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

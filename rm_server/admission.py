@@ -10,8 +10,9 @@ The servicer translates a request into ``(sample id, input)`` pairs and a :class
   the call's samples not answered yet (a stream's ids route its results);
 - each input: encoded by the model's encoder (``protos.encoding``), which checks token ids
   (and token type ids) against the vocabulary, applies the scoring recipe, the chat template
-  and the truncation policy. Ids that come with token types are ``TypedIds`` (a list carrying
-  them): queue entries hold them as their ids, and the model reads the types.
+  and the truncation policy. Token types (an encoder's pair encoding) become the queue
+  entry's ``token_type_ids``. The encoder is the model version's the samples are bound to
+  (``version``; rm_server/versions.py).
 
 Token ids are checked on the event loop (a C-speed range check); text, conversations and full
 texts go to one tokenizer thread, so that a large text request does not stall every other call
@@ -74,8 +75,11 @@ class Admission:
 
     async def admit(self, samples: list[tuple[str, Input]], encoder: Encoder, sink: Sink,
                     caller: Caller, taken: Collection[str] = (),
-                    max_queue: int | None = None) -> list[Pending]:
-        """The request's queue entries, in request order; ``taken``: the call's ids in flight."""
+                    max_queue: int | None = None, version: object = None,
+                    pinned: bool = False) -> list[Pending]:
+        """The request's queue entries, in request order; ``taken``: the call's ids in flight;
+        ``version``: the model version ``encoder`` belongs to (``pinned``: named by the
+        request)."""
         self._check_count(len(samples), max_queue)
         now = self.clock()
         deadline = now + caller.time_remaining if caller.time_remaining is not None else None
@@ -89,7 +93,8 @@ class Admission:
         if error is not None:  # raised after the thread: an earlier text sample may fail first
             raise error
         items = [Pending(sid, enc.ids, sink, now, deadline, caller.client, enc.truncated,
-                         caller.peer) for sid, enc in checked]
+                         caller.peer, enc.token_type_ids, version, pinned)
+                 for sid, enc in checked]
         if self.metrics:
             self.metrics.truncated.inc(sum(p.truncated for p in items))
         return items

@@ -8,6 +8,8 @@ add latency. Samples are grouped by length around an anchor (which is always tak
 starves): first-come batches of a mix of short and long samples are mostly padding, and on a
 CPU they can run slower than the samples one by one. Batch slots are shared fairly among the
 callers with queued samples (:meth:`BatchPolicy.fair_keys`, :meth:`BatchPolicy.quotas`).
+Batches never mix model versions: a batch takes only samples bound to its anchor's version
+(``Pending.version``; rm_server/versions.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class Sink(Protocol):
 
     cancelled: bool
 
-    def deliver(self, results: list[tuple[Pending, float]]) -> None: ...
+    def deliver(self, results: list[tuple[Pending, Scored]]) -> None: ...
 
     def fail(self, exc: BaseException, items: list[Pending]) -> None:
         """End the call with ``exc`` (the batcher then drops the call's other samples)."""
@@ -41,6 +43,9 @@ class Pending:
     client: str = ""  # the caller's self-declared x-client-id
     truncated: bool = False
     peer: str = ""  # who the caller is for fairness: its verified identity or its address
+    token_type_ids: list[int] | None = None  # one per id, for models with token types
+    version: object = None  # the model version that will score it (rm_server/versions.py)
+    pinned: bool = False  # the request named ``version``: never moved to another one
 
     @property
     def length(self) -> int:
@@ -49,6 +54,16 @@ class Pending:
     @property
     def dropped(self) -> bool:
         return self.sink.cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One sample's result from the model: the reward, every head's score (empty for a model
+    with one head) and the version that scored it (a ``VersionTag``; None without versions)."""
+
+    reward: float
+    heads: tuple[float, ...] = ()
+    version: object = None
 
 
 @dataclass(frozen=True)
@@ -133,11 +148,13 @@ class BatchPolicy:
         that adds the least padding (a shorter one pads itself up to the longest; a longer one
         pads every sample already taken), while size and token budget allow. Fairness: in this
         walk each key (``keys``, default :meth:`fair_keys`) fills at most its :meth:`quotas`
-        share of the slots; slots still free afterwards go to anyone (work-conserving).
+        share of the slots; slots still free afterwards go to anyone (work-conserving). Only
+        samples bound to the anchor's model version are candidates: batches never mix versions.
         """
         keys = self.fair_keys(pending) if keys is None else keys
-        order = sorted(pending, key=lambda p: (p.length, p.enqueued))
         anchor = anchor or min(pending, key=lambda p: p.enqueued)
+        pending = [p for p in pending if p.version is anchor.version]
+        order = sorted(pending, key=lambda p: (p.length, p.enqueued))
         demand = Counter(keys[id(p)] for p in pending)  # in queue order
         quota = self.quotas(demand, keys[id(anchor)])
         taken = self._walk(order, order.index(anchor), keys, quota)

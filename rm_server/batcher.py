@@ -13,6 +13,11 @@ partial batch waits for the model to free up (more samples may arrive meanwhile,
 in latency). The anchor of each batch is the oldest sample of the fairness key served least
 recently, so keys take turns (bench/RESULTS.md has the measurements behind these choices).
 
+Model versions: every queued sample is bound to the version that will score it, and a batch
+takes one version's samples (:meth:`BatchPolicy.select`); before a batch forms, ``rebind``
+(rm_server/versions.py) may move unpinned samples to a new default. ``score_fn`` runs a batch
+on the model thread and returns one :class:`Scored` per sample (reward, heads, version).
+
 Work nobody can receive is not computed: a cancelled call's samples, samples whose deadline
 passed, samples whose deadline passes before their batch could finish (a lower bound on the
 model time: :mod:`rm_server.model_time`), and the other samples of a call that already failed
@@ -26,7 +31,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
-from rm_server.batch_policy import BatchPolicy, Pending, Sink
+from rm_server.batch_policy import BatchPolicy, Pending, Scored, Sink
 from rm_server.errors import DeadlineExceeded, Overloaded
 from rm_server.model_time import ModelTimeEstimate
 
@@ -36,9 +41,11 @@ GAP_EMA = 0.25  # weight of the newest gap in the running mean of gaps between c
 class Batcher:
     """Runs :class:`BatchPolicy` over a bounded queue and feeds one model thread."""
 
-    def __init__(self, score_fn: Callable[[list[list[int]]], list[float]], policy: BatchPolicy,
-                 max_queue: int = 4096, metrics=None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, score_fn: Callable[[list[Pending]], list[Scored]], policy: BatchPolicy,
+                 max_queue: int = 4096, metrics=None, clock: Callable[[], float] = time.monotonic,
+                 rebind: Callable[[list[Pending]], None] | None = None):
         self.score_fn = score_fn
+        self.rebind = rebind
         self.policy = policy
         self.max_queue = max_queue
         self.stream_limit = max(1, max_queue // 2)  # streams' share of the queue (backpressure)
@@ -163,6 +170,8 @@ class Batcher:
         """Select a batch (:meth:`BatchPolicy.select`) and take it off the queue."""
         if not self.pending:
             return []
+        if self.rebind is not None:
+            self.rebind(self.pending)
         keys = self.policy.fair_keys(self.pending)
         for key in set(keys.values()):  # a key first seen now queues behind those served
             self._served_at.setdefault(key, self._batch_no)
@@ -187,10 +196,10 @@ class Batcher:
             batch = self._still_wanted(batch) if batch else []
             if not batch:
                 return
-            rewards = await self._forward(batch)
+            scored = await self._forward(batch)
         # the slot is free: the next batch starts before these results go out
-        if rewards is not None:
-            self._deliver(batch, rewards)
+        if scored is not None:
+            self._deliver(batch, scored)
 
     def _still_wanted(self, batch: list[Pending]) -> list[Pending]:
         """Drop samples whose call ended while their batch waited, and samples whose deadline
@@ -204,18 +213,17 @@ class Batcher:
         self._expire([p for p in live if p.deadline is not None and p.deadline <= finish])
         return [p for p in live if not p.dropped]  # an expired sample ended its call
 
-    async def _forward(self, batch: list[Pending]) -> list[float] | None:
-        """The batch's rewards from the model thread; on a model fault its calls fail and
+    async def _forward(self, batch: list[Pending]) -> list[Scored] | None:
+        """The batch's results from the model thread; on a model fault its calls fail and
         the result is None."""
         start = self.clock()
         if self.metrics:
             for p in batch:
                 self.metrics.queue_wait.observe(start - p.enqueued)
-        seqs = [p.ids for p in batch]
         loop = asyncio.get_running_loop()
         t0 = self.clock()
         try:
-            rewards = await loop.run_in_executor(self._executor, self.score_fn, seqs)
+            scored = await loop.run_in_executor(self._executor, self.score_fn, batch)
         except Exception as exc:  # a model fault fails this batch's calls, not the server
             for sink, items in _by_sink(batch).items():
                 self._fail(sink, exc, items)
@@ -226,11 +234,11 @@ class Batcher:
         self.model_time.observe(len(batch), max(lengths), seconds, self.clock())
         if self.metrics:
             self.metrics.observe_batch(lengths, seconds)
-        return rewards
+        return scored
 
-    def _deliver(self, batch: list[Pending], rewards: list[float]) -> None:
+    def _deliver(self, batch: list[Pending], scored: list[Scored]) -> None:
         by_sink: dict[int, tuple[Sink, list]] = {}
-        for p, r in zip(batch, rewards):
+        for p, r in zip(batch, scored):
             by_sink.setdefault(id(p.sink), (p.sink, []))[1].append((p, r))
         for sink, results in by_sink.values():
             if not sink.cancelled:

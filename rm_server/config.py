@@ -57,7 +57,20 @@ class ServeConfig:
     """Write {"port", "metrics_port", "health_port", "http_port", "pid"} as JSON here once bound
     (for tests and scripts)."""
     model_name: str | None = None
-    """Name reported by GetModelInfo and rm_build_info (default: the directory's name)."""
+    """Name reported by GetModelInfo and rm_build_info, for every version (default: each
+    checkpoint directory's name)."""
+    version_label: str | None = None
+    """The operator's label of --model's version ("v1", a date, a run id): results name it
+    beside the weights hash, and requests may pin it (ScoreRequest.version)."""
+    max_versions: int = 2
+    """Model versions kept resident (the default among them; the rest serve pinned requests
+    and instant rollbacks). Older ones are unloaded, before a load so that one never holds
+    more than max(N, 2) models. Each costs its weights' memory: size the pod for N (+1 while
+    loading when N = 1)."""
+    admin_token_file: str | None = None
+    """File holding the admin bearer token: serves AdminService (load a version, change the
+    default, unload) and the HTTP door's /v1/admin/ routes to callers presenting it. Not the
+    scoring token. Without it there is no admin API: the served version is fixed."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype."""
     device: str = "cpu"
@@ -145,7 +158,7 @@ def batch_policy(cfg: ServeConfig, device_type: str) -> BatchPolicy:
 
 def check_config(cfg: ServeConfig) -> None:
     """Reject nonsensical numbers before anything loads (one line, exit 1)."""
-    for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
+    for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_versions"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")

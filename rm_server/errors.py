@@ -11,6 +11,9 @@ never UNKNOWN.
 | NotReady           | UNAVAILABLE        | retry: the model is loading, or the server drains    |
 | DeadlineExceeded   | DEADLINE_EXCEEDED  | the sample expired in the queue and was not computed |
 | Unauthenticated    | UNAUTHENTICATED    | send ``authorization: Bearer <token>``               |
+| NotResident        | FAILED_PRECONDITION| pin a resident version (the message names them)      |
+| LoadFailed         | INVALID_ARGUMENT   | admin: the checkpoint cannot be served (one line)    |
+| NoRoom             | RESOURCE_EXHAUSTED | admin: unload a version first, or lower the count    |
 """
 
 from __future__ import annotations
@@ -62,3 +65,25 @@ class DeadlineExceeded(ServiceError):
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "unauthenticated"
+
+
+class NotResident(ServiceError):
+    """A version that is not resident was named (a pin, a rollback, an unload), or the
+    default was asked to unload."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "version"
+
+
+class LoadFailed(ServiceError):
+    """An admin load of a checkpoint that cannot be served; the default keeps serving."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "load_failed"
+
+
+class NoRoom(ServiceError):
+    """An admin load refused: the new version's weights would not fit in free memory."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "load_failed"

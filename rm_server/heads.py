@@ -7,8 +7,8 @@ such as ArmoRM's, or an ensemble's members); ``reward`` is one aggregation of th
   TRL GRPO's in-process RM reads: ``logits[:, 0]``);
 - :func:`aggregate`: the one pure function from head scores (B, K) to rewards (B,); other
   kinds (mean, min, mean - k*std over an ensemble's heads) are more branches of it;
-- :class:`Reward`: a float (the aggregated reward) that carries every head's score, so results
-  travel through the batcher and sinks as plain floats and the servicer reads the heads.
+- :func:`rewards_with_heads`: a batch's rewards and every sample's head scores, which travel
+  through the batcher as ``rm_server.batch_policy.Scored`` results.
 """
 
 from __future__ import annotations
@@ -32,20 +32,6 @@ class Aggregation:
         if len(used) == 1 and used[0][0] == 1.0:
             return used[0][1]
         return " + ".join(f"{w:g}*{n}" for w, n in used)
-
-
-class Reward(float):
-    """The aggregated reward, with every head's score in ``heads`` (model output order)."""
-
-    heads: tuple[float, ...]
-
-    def __new__(cls, value: float, heads: tuple[float, ...]):
-        obj = super().__new__(cls, value)
-        obj.heads = heads
-        return obj
-
-    def __reduce__(self):
-        return (Reward, (float(self), self.heads))
 
 
 def head_names(id2label: dict | None, num_labels: int) -> tuple[str, ...]:
@@ -97,11 +83,11 @@ def aggregate(scores: torch.Tensor, how: Aggregation) -> torch.Tensor:
     raise ValueError(f"unknown aggregation {how.kind!r}")
 
 
-def rewards_with_heads(scores: torch.Tensor, how: Aggregation) -> list[float]:
-    """One float per sample: plain for a one-head model; a :class:`Reward` with every head's
-    score otherwise. One device->host copy."""
-    if scores.shape[1] == 1 and how.weights == (1.0,):
-        return scores[:, 0].float().cpu().tolist()
-    rewards = aggregate(scores, how).cpu().tolist()
-    heads = scores.float().cpu().tolist()  # (B, K)
-    return [Reward(r, tuple(h)) for r, h in zip(rewards, heads)]
+def rewards_with_heads(scores: torch.Tensor, how: Aggregation
+                       ) -> tuple[list[float], list[tuple[float, ...]]]:
+    """Rewards (B,) and each sample's head scores from head scores (B, K): empty tuples for a
+    one-head model. One device->host copy."""
+    host = scores.float().cpu()  # (B, K): the batch's one sync
+    if host.shape[1] == 1 and how.weights == (1.0,):
+        return host[:, 0].tolist(), [()] * host.shape[0]
+    return aggregate(host, how).tolist(), [tuple(h) for h in host.tolist()]

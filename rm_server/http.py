@@ -7,6 +7,13 @@
     GET  /v1/model_info     GetModelInfo, in the proto's JSON mapping
     GET  /v1/models         the served model, as OpenAI-style clients list it
     GET  /healthz, /health  200 {"status": "SERVING"} when grpc.health.v1 says SERVING, else 503
+    POST /v1/admin/load, /v1/admin/default, /v1/admin/unload   model versions (rm_server/admin.py)
+
+A scoring request pins a model version with the ``X-RM-Version`` header (a weights hash or
+label; /v1/score also takes the ScoreRequest's ``version``); every scoring response names the
+versions that scored it in its ``X-RM-Version`` header (and /v1/score in each result). The admin
+routes need the admin token (--admin-token-file), not the scoring one; without the flag they
+answer 404.
 
 Behind every scoring route is the path of a gRPC ``Score``: the JSON becomes ``(sample id,
 input)`` pairs (rm_server/http_protocols.py), :class:`Admission` checks and encodes them, the
@@ -20,6 +27,7 @@ gRPC status name, ``{"error": {"code", "message", "retry_after_ms"?}}``:
 | code               | HTTP | when                                                        |
 |--------------------|------|-------------------------------------------------------------|
 | INVALID_ARGUMENT   | 400  | bad JSON, a missing or mistyped field (named), a bad sample  |
+| FAILED_PRECONDITION| 400  | a pinned version (X-RM-Version) that is not resident         |
 | UNAUTHENTICATED    | 401  | the token is missing or wrong                                |
 | NOT_FOUND          | 404  | no such route, or ``model`` names another model              |
 | UNIMPLEMENTED      | 405  | the route exists, the HTTP method does not                   |
@@ -37,8 +45,6 @@ A client that disconnects cancels its request: its queued samples are dropped (C
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import json
 import logging
@@ -52,6 +58,7 @@ import grpc
 from aiohttp import web
 
 from rm_server import http_protocols as shapes
+from rm_server.admin import HTTP_PREFIX, from_json
 from rm_server.admission import Caller
 from rm_server.errors import (
     DeadlineExceeded,
@@ -60,6 +67,7 @@ from rm_server.errors import (
     ServiceError,
     Unauthenticated,
 )
+from rm_server.http_caller import bearer_token, caller_of
 from rm_server.sinks import UnarySink
 
 log = logging.getLogger("rm_server")
@@ -68,7 +76,8 @@ Code = grpc.StatusCode
 HTTP_STATUS = {  # google.rpc's mapping of status codes onto HTTP
     Code.OK: 200, Code.INVALID_ARGUMENT: 400, Code.UNAUTHENTICATED: 401, Code.NOT_FOUND: 404,
     Code.UNIMPLEMENTED: 405, Code.RESOURCE_EXHAUSTED: 429, Code.CANCELLED: 499,
-    Code.INTERNAL: 500, Code.UNAVAILABLE: 503, Code.DEADLINE_EXCEEDED: 504}
+    Code.INTERNAL: 500, Code.UNAVAILABLE: 503, Code.DEADLINE_EXCEEDED: 504,
+    Code.FAILED_PRECONDITION: 400}
 HEALTH_PATHS = ("/healthz", "/health")
 
 
@@ -96,8 +105,10 @@ class Busy(ServiceError):
 class HttpDoor:
     """The aiohttp application over the servicer's model, admission and batcher."""
 
-    def __init__(self, servicer, metrics, cfg, token: str | None, ready: Callable[[], bool]):
+    def __init__(self, servicer, metrics, cfg, token: str | None, ready: Callable[[], bool],
+                 admin=None, admin_token: str | None = None):
         self.servicer = servicer  # model, admission, batcher and info: set once loaded
+        self.admin = admin  # rm_server.admin.AdminServicer; None: no admin API
         self.metrics = metrics
         self.ready = ready
         self.max_body = cfg.max_message_bytes
@@ -105,6 +116,7 @@ class HttpDoor:
         self.grace = cfg.grace_seconds
         self.created = int(time.time())
         self._token = token.encode() if token else None
+        self._admin_token = admin_token.encode() if admin_token else None
         self._active = 0
         self._runner: web.AppRunner | None = None
         self.app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body)
@@ -116,6 +128,9 @@ class HttpDoor:
                               **dict.fromkeys(HEALTH_PATHS, self.health)}.items():
             self.app.router.add_get(path, handler, allow_head=False)
         self.methods = [*routes, "/v1/model_info", "/v1/models"]  # metric label values
+        for path in ("load", "default", "unload"):
+            self.app.router.add_post(HTTP_PREFIX + path, self.admin_call)
+            self.methods += [HTTP_PREFIX + path] if admin else []
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
@@ -134,8 +149,9 @@ class HttpDoor:
     # -- routes ------------------------------------------------------------------------------
     async def get_reward(self, request: web.Request) -> web.Response:
         body = await self._json(request)
+        model = self._model(request)
         results = await self._score(shapes.openrlhf_samples(body), request)
-        return web.json_response(shapes.openrlhf_response(results, self._model().heads.names))
+        return _json(shapes.openrlhf_response(results, model.heads.names), results)
 
     async def pooling(self, request: web.Request) -> web.Response:
         return await self._vllm(request, "pooling")
@@ -145,28 +161,38 @@ class HttpDoor:
 
     async def _vllm(self, request: web.Request, kind: str) -> web.Response:
         body = await self._json(request)
-        model = self._model()
+        model = self._model(request)
         asked = body.get("model")
         if asked is not None and asked != model.name:
             raise NotFound(f"model: {asked!r} is not served here (this server serves "
                            f"{model.name!r}; GET /v1/models)")
         activation = shapes.use_activation(body)
         results = await self._score(shapes.vllm_samples(body, model.encoder.recipe), request)
-        return web.json_response(shapes.vllm_response(kind, model.name, results, activation,
-                                                      model.heads.names))
+        return _json(shapes.vllm_response(kind, model.name, results, activation,
+                                          model.heads.names), results)
 
     async def score_json(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        results = await self._score(shapes.score_samples(body), request)
-        return web.json_response(shapes.score_response(results))
+        samples, pin = shapes.score_samples(body)
+        results = await self._score(samples, request, pin)
+        return _json(shapes.score_response(results), results)
 
     async def model_info(self, request: web.Request) -> web.Response:
-        self._model()
+        self._model(request)
         return web.json_response(shapes.model_info_json(self.servicer.info))
 
     async def models(self, request: web.Request) -> web.Response:
-        self._model()
+        self._model(request)
         return web.json_response(shapes.models_json(self.servicer.info, self.created))
+
+    async def admin_call(self, request: web.Request) -> web.Response:
+        """The admin routes: a request message in the proto's JSON mapping, the answer too."""
+        if self.admin is None:
+            raise NotFound(f"{request.path}: the admin API is off (start the server with "
+                           "--admin-token-file)")
+        message_cls, call = self.admin.http_routes()[request.path]
+        answer = await call(from_json(await self._json(request), message_cls))
+        return web.json_response(shapes.proto_json(answer))
 
     async def health(self, request: web.Request) -> web.Response:
         serving = self.ready()
@@ -174,27 +200,30 @@ class HttpDoor:
                                  status=200 if serving else 503)
 
     # -- the path of a unary Score -----------------------------------------------------------
-    def _model(self):
+    def _model(self, request: web.Request):
+        """The model of the version the request pins (``X-RM-Version``), else the default's."""
         if self.servicer.model is None:
             raise NotReady("model is not loaded yet (or the server is draining)")
-        return self.servicer.model
+        version = self.servicer.resolve(request.headers.get("X-RM-Version", ""))
+        return version.model if version is not None else self.servicer.model
 
-    async def _score(self, samples: shapes.Samples, request: web.Request) -> shapes.Results:
+    async def _score(self, samples: shapes.Samples, request: web.Request,
+                     pin: str = "") -> shapes.Results:
         caller = caller_of(request)
+        pin = pin or request.headers.get("X-RM-Version", "")
         if caller.time_remaining is None:
-            return await self._admit_and_wait(samples, caller)
+            return await self._admit_and_wait(samples, caller, pin)
         try:
-            return await asyncio.wait_for(self._admit_and_wait(samples, caller),
+            return await asyncio.wait_for(self._admit_and_wait(samples, caller, pin),
                                           caller.time_remaining)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"X-Timeout-Ms: {caller.time_remaining * 1000:.0f} ms "
                                    "passed; the request's queued samples were dropped") from None
 
-    async def _admit_and_wait(self, samples: shapes.Samples, caller: Caller) -> shapes.Results:
-        model, batcher = self._model(), self.servicer.batcher
-        sink = UnarySink(len(samples))
-        items = await self.servicer.admission.admit(samples, model.encoder, sink, caller, (),
-                                                    batcher.max_queue)
+    async def _admit_and_wait(self, samples: shapes.Samples, caller: Caller,
+                              pin: str) -> shapes.Results:
+        batcher, sink = self.servicer.batcher, UnarySink(len(samples))
+        items = await self.servicer.admit(samples, sink, caller, (), pin)
         batcher.submit(items)  # full queue: refuse (503)
         try:
             results = await sink.future
@@ -265,9 +294,16 @@ class HttpDoor:
     def _check_limits(self, request: web.Request) -> None:
         if self.max_active and self._active > self.max_active:
             raise Busy(f"too many requests at once (--max-concurrent-rpcs {self.max_active})")
-        if self._token is not None and not hmac.compare_digest(bearer_token(request),
-                                                               self._token):
-            raise Unauthenticated("missing or wrong bearer token")
+        admin = self.admin is not None and request.path.startswith(HTTP_PREFIX)
+        expected = self._admin_token if admin else self._token  # admin: never the scoring one
+        if expected is not None and not hmac.compare_digest(bearer_token(request), expected):
+            raise Unauthenticated("missing or wrong bearer token" + (" (admin)" if admin else ""))
+
+
+def _json(body: dict, results: shapes.Results) -> web.Response:
+    """A scoring response, the versions that scored it in ``X-RM-Version``."""
+    tags = dict.fromkeys(r.version.hash for _, r in results if r.version is not None)
+    return web.json_response(body, headers={"X-RM-Version": ",".join(tags)} if tags else None)
 
 
 def error_response(exc: ServiceError) -> web.Response:
@@ -281,48 +317,6 @@ def error_response(exc: ServiceError) -> web.Response:
         headers["WWW-Authenticate"] = 'Bearer realm="rm-server"'
     return web.json_response(shapes.error_json(exc.code.name, exc.message, retry_ms),
                              status=status, headers=headers)
-
-
-def bearer_token(request: web.Request) -> bytes:
-    """``Authorization: Bearer <token>``, or Basic with the token as the password (clients that
-    take only a URL send ``http://user:TOKEN@host/...`` as Basic)."""
-    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip().encode()
-    if scheme.lower() == "basic":
-        try:
-            return base64.b64decode(value.strip(), validate=True).partition(b":")[2]
-        except (binascii.Error, ValueError):
-            return b""
-    return b""
-
-
-def caller_of(request: web.Request) -> Caller:
-    """``X-Client-Id``, the peer (as the gRPC servicer names it) and ``X-Timeout-Ms``."""
-    timeout = request.headers.get("X-Timeout-Ms")
-    if timeout is not None:
-        try:
-            seconds = float(timeout) / 1000
-        except ValueError:
-            seconds = math.nan
-        if not seconds > 0 or math.isinf(seconds):
-            raise InvalidArgument(f"X-Timeout-Ms: expected a positive number, got {timeout!r}")
-        timeout = seconds
-    return Caller(request.headers.get("X-Client-Id", ""), peer_of(request), timeout)
-
-
-def peer_of(request: web.Request) -> str:
-    """A verified client certificate's names (mTLS), else the host address without its port:
-    ``ipv4:10.0.0.7``, the same key a gRPC call from that host gets (rm_server/service.py)."""
-    transport = request.transport
-    cert = transport.get_extra_info("peercert") if transport is not None else None
-    if cert:
-        names = [v for _, v in cert.get("subjectAltName", ())] or [
-            v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
-        if names:
-            return "id:" + ",".join(names)
-    host = request.remote or ""
-    return f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}"
 
 
 def ssl_context(cfg) -> ssl.SSLContext | None:

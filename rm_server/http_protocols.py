@@ -35,12 +35,12 @@ from protos import reward_pb2 as pb
 from protos.encoding import ChatInput, FullTextInput, TextInput, TokenInput
 from protos.recipes import Recipe
 from rm_server.admission import Input
-from rm_server.batch_policy import Pending
+from rm_server.batch_policy import Pending, Scored
 from rm_server.errors import InvalidArgument
 from rm_server.service import result_message, to_domain
 
 Samples = list[tuple[str, Input]]
-Results = list[tuple[Pending, float]]  # in request order
+Results = list[tuple[Pending, Scored]]  # in request order
 
 
 # -- OpenRLHF: POST /get_reward ------------------------------------------------------------------
@@ -55,7 +55,7 @@ def openrlhf_response(results: Results, head_names: tuple[str, ...]) -> dict:
     """OpenRLHF reads ``rewards`` (and ``scores``, else rewards) and logs each ``extra_logs``
     entry as a float tensor: numbers only. A multi-head model's heads are logged too
     (``rm_head_<name>``)."""
-    rewards = [float(r) for _, r in results]
+    rewards = [r.reward for _, r in results]
     logs = {"rm_num_tokens": [float(p.length) for p, _ in results],
             "rm_truncated": [float(p.truncated) for p, _ in results]}
     if len(head_names) > 1:
@@ -64,9 +64,9 @@ def openrlhf_response(results: Results, head_names: tuple[str, ...]) -> dict:
     return {"rewards": rewards, "scores": rewards, "extra_logs": logs}
 
 
-def head_scores(reward: float) -> list[float]:
-    """Every head's score (rm_server/heads.py ``Reward.heads``); a one-head model's reward."""
-    return list(getattr(reward, "heads", ())) or [float(reward)]
+def head_scores(scored: Scored) -> list[float]:
+    """Every head's score; a one-head model's reward."""
+    return list(scored.heads) or [scored.reward]
 
 
 # -- vLLM: POST /pooling and POST /classify ------------------------------------------------------
@@ -165,22 +165,22 @@ def _messages(value) -> tuple[tuple[str, str], ...]:
 
 # -- ours: POST /v1/score, GET /v1/model_info, GET /v1/models ------------------------------------
 
-def score_samples(body: dict) -> Samples:
+def score_samples(body: dict) -> tuple[Samples, str]:
     """A ScoreRequest in the proto's JSON mapping (proto or lowerCamel field names), translated
-    as the gRPC servicer translates it."""
+    as the gRPC servicer translates it: its samples and the version it pins ("" for none)."""
     try:
         request = json_format.ParseDict(body, pb.ScoreRequest())
     except json_format.ParseError as e:
         raise InvalidArgument("request: " + " ".join(str(e).split())) from None
-    return [(s.id, to_domain(s)) for s in request.samples]
+    return [(s.id, to_domain(s)) for s in request.samples], request.version
 
 
 def score_response(results: Results) -> dict:
-    return _proto_json(result_message(results))
+    return proto_json(result_message(results))
 
 
 def model_info_json(info: pb.ModelInfo) -> dict:
-    return _proto_json(info)
+    return proto_json(info)
 
 
 def models_json(info: pb.ModelInfo, created: int) -> dict:
@@ -197,7 +197,7 @@ def error_json(code: str, message: str, retry_after_ms: int | None = None) -> di
     return {"error": error}
 
 
-def _proto_json(message) -> dict:
+def proto_json(message) -> dict:
     """Field names as in the .proto, zero values printed, int64 as numbers."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True,

@@ -5,6 +5,12 @@ labels only (method names, status codes, a fixed set of rejection reasons). Each
 registry, so tests can run several servers in one process; it carries the standard process and
 Python collectors (``process_*``, ``python_*``) as every prometheus-client exporter does.
 
+Model versions (rm_server/versions.py): ``rm_version_info{version,label,default}`` is 1 for each
+resident version (the weights hash as ``version``), ``rm_version_samples_total{version}`` counts
+the samples each scored; both carry resident versions only (an unloaded version's series are
+removed), so their labels stay bounded by ``--max-versions``. Loads, unloads, default changes
+and the load duration are counted without a version label.
+
 Requests of the HTTP door (rm_server/http.py) are counted as RPCs are, with the route as the
 method label (``/get_reward``, ``/pooling``, ...): a fixed set, like the RPC names.
 
@@ -39,6 +45,7 @@ LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 RATIO_BUCKETS = (.05, .1, .2, .3, .4, .5, .6, .7, .8, .9, 1.0)
+LOAD_BUCKETS = (.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 
 
 class Metrics:
@@ -78,8 +85,25 @@ class Metrics:
         self.ready = Gauge("rm_model_ready", "1 when the model is loaded and warmed up", registry=r)
         self.build_info = Gauge("rm_build_info", "Server version and served model",
                                 ["version", "model"], registry=r)
+        self.version_info = Gauge("rm_version_info", "1 for each resident model version "
+                                  "(version: weights hash; label: the operator's; default: 1 "
+                                  "for the default)", ["version", "label", "default"], registry=r)
+        self.version_samples = Counter("rm_version_samples", "Samples scored, by model version "
+                                       "(resident versions only)", ["version"], registry=r)
+        self.version_loads = Counter("rm_version_loads", "Model version loads, by result (ok, "
+                                     "failed)", ["result"], registry=r)
+        self.version_unloads = Counter("rm_version_unloads", "Model versions unloaded (by an "
+                                       "admin call, or to keep --max-versions)", registry=r)
+        self.version_load_seconds = Histogram("rm_version_load_duration_seconds",
+                                              "Load and warm-up time of a model version",
+                                              buckets=LOAD_BUCKETS, registry=r)
+        self.default_changes = Counter("rm_version_default_changes", "Times the default "
+                                       "version changed (roll-forwards, rollbacks)", registry=r)
+        for result in ("ok", "failed"):
+            self.version_loads.labels(result)
         for reason in ("invalid", "queue_full", "not_ready", "deadline", "cancelled",
-                       "unauthenticated", "internal", "too_large", "concurrency"):
+                       "unauthenticated", "internal", "too_large", "concurrency", "version",
+                       "load_failed"):
             self.rejected.labels(reason)  # expose zeros so rate() works from the start
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)

@@ -17,21 +17,19 @@ alone (the parity rule, tested per architecture):
   the samples one at a time (``forward_mode``).
 
 ``compile=True`` runs the padded batches through ``torch.compile`` (inductor, dynamic shapes)
-of the same module: it fuses the element-wise work between the matmuls (norms, rotary
-embeddings, SiLU, residual adds), which is memory-bound on a CPU and launch-bound on a GPU.
-:meth:`RewardModel.warmup` compiles every graph serving needs before the server says SERVING
-(see :meth:`RewardModel._compile`); the shared-prefix path stays eager.
+of the same module, fusing the element-wise work between the matmuls; :meth:`warmup` compiles
+every graph serving needs before the server says SERVING; the shared-prefix path stays eager.
 
 The scored position follows the scoring recipe (protos/recipes.py): HF's rule, the rightmost
 token whose id != pad_token_id (so when pad == eos a trailing EOS is skipped and the token
 before it is scored; with no pad id, the last token), or OpenRLHF's, the last token whatever
 its id. We compute it on each unpadded sequence, then right-pad the batch: causal attention
 and position ids of the real tokens are then exactly those of the sample run alone, whatever
-else shares the batch (left padding would shift Llama's positions). Ids that carry
-``token_type_ids`` (an encoder's pair encoding) pass them to the model's forward, padded with 0.
+else shares the batch (left padding would shift Llama's positions). ``token_type_ids`` (an
+encoder's pair encoding) go to the model's forward, padded with 0.
 
-A model with ``num_labels = K`` scores K heads; each result carries all K and its reward is
-their aggregation (rm_server/heads.py).
+A model with ``num_labels = K`` scores K heads: :meth:`RewardModel.score_heads` returns every
+head's score beside the reward, their aggregation (rm_server/heads.py).
 """
 
 from __future__ import annotations
@@ -80,7 +78,8 @@ class RewardModel:
                  compile: bool = False, *, tokenizer: str | None = None,
                  chat_template: str | None = None, trust_remote_code: bool = False,
                  revision: str | None = None, recipe: str | None = None,
-                 reward_head: str | None = None, head_weights: str | None = None):
+                 reward_head: str | None = None, head_weights: str | None = None,
+                 weights_hash: str | None = None):
         self.path = check_source(path, revision, tokenizer, trust_remote_code)
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -102,7 +101,7 @@ class RewardModel:
                 reward_head, head_weights)
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
-        self.version = weights_version(self.path)
+        self.version = weights_hash or weights_version(self.path)  # known: not read again
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.architecture = type(self.model).__name__
         self._final_norm: FinalNorm | None = None
@@ -184,10 +183,9 @@ class RewardModel:
     def _setup_forward(self) -> str:
         """How the forward path batches: "batch" (the model's own forward), "rows" or "single".
 
-        With no pad id HF's forward reads the last position and refuses batches > 1. A decoder
-        head (``score``: a Linear on the backbone's last hidden state) then runs on each
-        sequence's last real row of the padded batch ("rows"), kept only if it reproduces the
-        model's own forward on a probe; anything else runs one sample at a time ("single").
+        With no pad id HF's forward reads the last position and refuses batches > 1: a decoder
+        head (``score``, a Linear) then runs on each sequence's last real row ("rows") if that
+        reproduces the model's own forward on a probe; else one sample at a time ("single").
         """
         if self.pad_token_id is not None and self.position_pad is not None:
             return "batch"  # the model's own forward reads HF's rule, the recipe's
@@ -217,11 +215,10 @@ class RewardModel:
     def _compile(self, module: nn.Module) -> nn.Module:
         """The padded path's module under ``torch.compile(dynamic=True)``.
 
-        Dynamic shapes give one graph for every batch size >= 2 and length >= 2; dynamo
-        specializes sizes 0 and 1, so a batch of one is a second graph, which warmup compiles,
-        and on the last-token path the batch is padded to length >= 2 (one pad column: causal
-        attention keeps the real tokens from seeing it) instead of a third graph. On the
-        forward path a one-token batch would compile once more, on its first use.
+        One graph for every batch size and length >= 2; dynamo specializes 0 and 1, so a
+        batch of one is a second graph (warmup compiles it), and the last-token path pads to
+        length >= 2 (causal attention hides the pad column) instead of a third. On the forward
+        path a one-token batch compiles once more, on its first use.
         """
         return torch.compile(module, dynamic=True)
 
@@ -242,43 +239,50 @@ class RewardModel:
         index = torch.tensor([last_token_index(s, self.position_pad) for s in seqs])
         return ids, mask, index
 
-    def _type_ids(self, seqs: list[list[int]], t: int) -> dict:
-        """``token_type_ids`` (B, T), right-padded with 0, when any sequence carries them and
-        the model takes them; else no argument at all."""
-        typed = [getattr(s, "token_type_ids", None) for s in seqs]
+    def _type_ids(self, typed: list[list[int] | None], t: int) -> dict:
+        """``token_type_ids`` (B, T), right-padded with 0, when any sequence has them and the
+        model takes them; else no argument at all."""
         if not self.takes_types or all(x is None for x in typed):
             return {}
-        types = torch.zeros((len(seqs), t), dtype=torch.long)
+        types = torch.zeros((len(typed), t), dtype=torch.long)
         for b, x in enumerate(typed):
             if x is not None:
                 types[b, : len(x)] = torch.as_tensor(x, dtype=torch.long)
         return {"token_type_ids": types.to(self.device)}
 
-    @torch.inference_mode()
-    def score(self, seqs: list[list[int]]) -> list[float]:
-        """Rewards (fp32) for a batch of token-id sequences; runs on the model thread.
+    def score(self, seqs: list[list[int]], token_type_ids: list | None = None) -> list[float]:
+        """Rewards (fp32) for a batch of token-id sequences (:meth:`score_heads`)."""
+        return self.score_heads(seqs, token_type_ids)[0]
 
-        Samples that share a long token prefix (k responses to one prompt) run the prefix
-        once and their suffixes against its cached keys/values (``prefix_groups``).
-        """
+    @torch.inference_mode()
+    def score_heads(self, seqs: list[list[int]], token_type_ids: list | None = None
+                    ) -> tuple[list[float], list[tuple[float, ...]]]:
+        """Rewards (fp32) and every head's score (empty for one head) for a batch of token-id
+        sequences, on the model thread. ``token_type_ids``: one list or None per sequence
+        (default: what the ids carry, ``protos.encoding.TypedIds``). Samples that share a long
+        prefix (k responses to one prompt) run it once, their suffixes against its KV cache."""
+        if token_type_ids is None:
+            token_type_ids = [getattr(s, "token_type_ids", None) for s in seqs]
         groups, rest = ([], list(range(len(seqs))))
         if self.prefix_sharing and self.scoring_path == "last-token":
             groups, rest = prefix_groups(seqs, self.position_pad, self.min_shared_prefix)
-        out = [0.0] * len(seqs)
-        for prefix_len, members in groups:
-            for i, r in zip(members, self._score_shared([seqs[i] for i in members], prefix_len)):
-                out[i] = r
+        parts = [(members, self._score_shared([seqs[i] for i in members], p))
+                 for p, members in groups]
         if rest:
-            for i, r in zip(rest, self._score_padded([seqs[i] for i in rest])):
-                out[i] = r
-        return out
+            parts.append((rest, self._score_padded([seqs[i] for i in rest],
+                                                   [token_type_ids[i] for i in rest])))
+        out = torch.empty(len(seqs), parts[0][1].shape[1], device=self.device)  # (B, K)
+        for members, scores in parts:
+            out[torch.tensor(members, device=self.device)] = scores.float()
+        return rewards_with_heads(out, self.heads)  # one device->host sync per batch
 
-    def _score_padded(self, seqs: list[list[int]]) -> list[float]:
+    def _score_padded(self, seqs: list[list[int]], types: list) -> torch.Tensor:
         if self.forward_mode == "single":  # HF's forward on each sample alone, as it allows
-            return [r for s in seqs for r in self._forward_padded([s])]
-        return self._forward_padded(seqs)
+            return torch.cat([self._forward_padded([s], [t]) for s, t in zip(seqs, types)])
+        return self._forward_padded(seqs, types)
 
-    def _forward_padded(self, seqs: list[list[int]]) -> list[float]:
+    def _forward_padded(self, seqs: list[list[int]], types: list) -> torch.Tensor:
+        """Head scores (B, K) of a right-padded batch."""
         last_token = self.scoring_path == "last-token"
         min_length = 2 if self.compiled and last_token else 1  # see _compile
         ids, mask, index = (x.to(self.device) for x in self.collate(seqs, min_length))
@@ -294,15 +298,14 @@ class RewardModel:
             rewards = self._head(rows).float()  # (B, K)
         else:
             rewards = self._padded_module(input_ids=ids, attention_mask=mask,
-                                          **self._type_ids(seqs, ids.shape[1])).logits  # (B, K)
-        return rewards_with_heads(rewards, self.heads)  # one device->host sync per batch
+                                          **self._type_ids(types, ids.shape[1])).logits  # (B, K)
+        return rewards  # (B, K) head scores
 
-    def _score_shared(self, seqs: list[list[int]], p: int) -> list[float]:
+    def _score_shared(self, seqs: list[list[int]], p: int) -> torch.Tensor:
         """Run ids[:p] (identical for all) once, then the k suffixes against its KV cache.
 
-        Suffixes are right-padded, their position ids continue from p, and the attention mask
-        covers prefix + suffix: each suffix token sees exactly what it sees in the full
-        sequence, so scores equal the unshared path (tested to fp32 tolerance).
+        Suffixes are right-padded, their position ids continue from p, the attention mask covers
+        prefix + suffix: each suffix token sees what it sees in the full sequence (tested).
         """
         k = len(seqs)
         prefix = torch.tensor([seqs[0][:p]], device=self.device)  # (1, P)
@@ -319,7 +322,7 @@ class RewardModel:
         with self._scored_rows(index):
             hidden = self._backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
                                     past_key_values=cache, use_cache=True).last_hidden_state
-        return rewards_with_heads(self._head_on_rows(hidden, index), self.heads)
+        return self._head_on_rows(hidden, index)  # (k, K)
 
     def _head_on_rows(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         n = self._final_norm
@@ -339,8 +342,8 @@ class RewardModel:
             self.score([probe, probe[: max(1, len(probe) // 2)]])
             return
         try:
-            self._score_padded([probe])
-            self._score_padded([probe + probe, probe])
+            self._score_padded([probe], [None])
+            self._score_padded([probe + probe, probe], [None, None])
         except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
             msg = (str(e).strip().splitlines() or [""])[0]
             raise ModelLoadError(f"--compile: torch.compile failed: {type(e).__name__}: "

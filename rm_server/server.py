@@ -2,9 +2,11 @@
 door (rm_server/http.py, with --http-port), shutdown.
 
 Lifecycle: bind the ports and answer health NOT_SERVING at once; load the checkpoint and run
-a warm-up batch on the model thread; then SERVING. On SIGTERM/SIGINT: NOT_SERVING, wait
-``drain_delay_seconds`` (endpoints update while traffic still arrives), stop accepting RPCs,
-let in-flight calls (gRPC and HTTP) finish within ``grace_seconds``, stop the batcher, exit 0.
+a warm-up batch on the load thread; then SERVING. Later versions load through the admin API
+(rm_server/admin.py, rm_server/versions.py) while the server keeps SERVING. On SIGTERM/SIGINT:
+NOT_SERVING, wait ``drain_delay_seconds`` (endpoints update while traffic still arrives), stop
+accepting RPCs, let in-flight calls (gRPC and HTTP) finish within ``grace_seconds``, stop the
+batcher, exit 0.
 
 Failing to start is one line on stderr and exit 1, checked before anything binds where it can
 be: numbers out of range, a checkpoint that cannot be a reward model (rm_server/checkpoint.py),
@@ -27,14 +29,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import reward_pb2 as pb
 from protos.service_name import SERVICE_NAME
 from rm_server import __version__
+from rm_server.admin import ADMIN_SERVICE, AdminServicer, add_admin_service
 from rm_server.batcher import Batcher
 from rm_server.checkpoint import ModelLoadError, check_source
 from rm_server.config import ServeConfig, batch_policy, check_config, model_options
+from rm_server.errors import LoadFailed, NoRoom
 from rm_server.http import HttpDoor, ssl_context
 from rm_server.interceptor import StatusInterceptor
 from rm_server.metrics import Metrics, serve_metrics
+from rm_server.model_time import ModelTimeEstimate
 from rm_server.ports import add_grpc_port, bind_tcp, check_port_free, listed_ports
-from rm_server.service import RewardServicer, model_info
+from rm_server.service import RewardServicer, versions_info
+from rm_server.versions import CheckpointLoader, Versions
 
 log = logging.getLogger("rm_server")
 
@@ -109,6 +115,8 @@ class RewardServer:
         self.health = health.aio.HealthServicer()
         self.servicer = RewardServicer(None, cfg.max_samples_per_request, self.metrics,
                                        cfg.stream_admission_timeout_ms / 1000)
+        self.admin = AdminServicer()
+        self._default = None  # the default version's hash, to see it change
         self.stop_event = asyncio.Event()
         self.servers: list[grpc.aio.Server] = []
         self.port = self.metrics_port = self.health_port = self.http_port = None
@@ -119,6 +127,7 @@ class RewardServer:
     async def start(self) -> None:
         cfg = self.cfg
         token = _read_token(cfg.auth_token_file)
+        self.admin_token = _read_token(cfg.admin_token_file)
         creds = _credentials(cfg)
         for flag, host, port in listed_ports(cfg):
             check_port_free(flag, host, port)
@@ -130,15 +139,19 @@ class RewardServer:
 
     async def _bind(self, token: str | None, creds) -> None:
         cfg = self.cfg
-        server = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics, token)],
-                                 options=server_options(cfg),
+        interceptor = StatusInterceptor(self.metrics, token, self.admin_token)
+        server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg),
                                  maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         self.metrics.init_methods(_add_reward_service(server, self.servicer))
+        services = [SERVICE_NAME]
+        if self.admin_token:  # no admin token: no admin service at all
+            self.metrics.init_methods(add_admin_service(server, self.admin))
+            services.append(ADMIN_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
             from grpc_reflection.v1alpha import reflection
             reflection.enable_server_reflection(
-                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME), server)
         self.servers.append(server)
         self.port = add_grpc_port(server, "--port", f"{cfg.host}:{cfg.port}", creds)
@@ -175,34 +188,55 @@ class RewardServer:
         tls = ssl_context(cfg)
         sock = bind_tcp("--http-port", cfg.http_host or cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
-        self.http = HttpDoor(self.servicer, self.metrics, cfg, token, lambda: self.serving)
+        admin = self.admin if self.admin_token else None
+        self.http = HttpDoor(self.servicer, self.metrics, cfg, token, lambda: self.serving,
+                             admin, self.admin_token)
         self.metrics.init_methods(self.http.methods)
         await self.http.start(sock, tls)
 
     async def load(self) -> None:
-        """Load and warm up on a worker thread: health keeps answering meanwhile."""
-        from rm_server.model import RewardModel
-
+        """Load and warm up the first version on the load thread: health keeps answering."""
         cfg = self.cfg
         if cfg.num_threads:
             import torch
             torch.set_num_threads(cfg.num_threads)
-        model = await asyncio.to_thread(lambda: RewardModel(**model_options(cfg)))
-        await asyncio.to_thread(model.warmup)
-        policy = batch_policy(cfg, model.device.type)
-        batcher = Batcher(model.score, policy, cfg.max_queue, self.metrics)
+        versions = Versions(CheckpointLoader(model_options(cfg)), cfg.max_versions,
+                            self.metrics, self._version_changed)
+        policy = batch_policy(cfg, cfg.device.split(":")[0])
+        batcher = Batcher(versions.run_batch, policy, cfg.max_queue, self.metrics,
+                          rebind=versions.rebind)
         batcher.start()
-        self.servicer.batcher = batcher
-        self.servicer.info = model_info(model, cfg.max_samples_per_request, __version__)
-        self.servicer.model = model
-        self.metrics.build_info.labels(__version__, model.name).set(1)
+        self.servicer.batcher, self.servicer.versions = batcher, versions
+        try:
+            await versions.load(cfg.model, cfg.version_label or "", True, cfg.revision)
+        except (LoadFailed, NoRoom) as e:  # the start's one line, as before any version
+            raise ModelLoadError(e.message.removeprefix(f"load {cfg.model}: ")) from None
+        self.admin.versions = versions
+        model = versions.default.model
         self.metrics.ready.set(1)
         await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
         mode = f" ({model.forward_mode})" if model.forward_mode not in (None, "batch") else ""
         log.info("serving %s (%s, %s, %s path%s%s, version %s)", model.name, model.architecture,
                  cfg.dtype, model.scoring_path, mode, ", compiled" if model.compiled else "",
-                 model.version)
+                 versions.default.describe())
+
+    def _version_changed(self) -> None:
+        """After a load, a default change or an unload: what the servicer, the HTTP door and
+        rm_build_info report follows the default."""
+        versions = self.servicer.versions
+        default = versions.default
+        if default is None:
+            return
+        self.servicer.model = default.model
+        self.servicer.info = versions_info(default, versions, self.cfg.max_samples_per_request,
+                                           __version__)
+        if default.hash != self._default:
+            self._default = default.hash
+            self.metrics.build_info.clear()
+            self.metrics.build_info.labels(__version__, default.model.name).set(1)
+            # model time differs between versions: measure the new default afresh
+            self.servicer.batcher.model_time = ModelTimeEstimate()
 
     async def shutdown(self) -> None:
         cfg = self.cfg
@@ -216,6 +250,8 @@ class RewardServer:
                              self._stop_http())
         if self.servicer.batcher:
             await self.servicer.batcher.stop()
+        if self.servicer.versions:
+            self.servicer.versions.close()
         self.servicer.close()
         await self._close()
         log.info("stopped")

@@ -6,6 +6,11 @@ its request into domain inputs (``protos.encoding``) and a :class:`Caller` read 
 metadata, hands them to :class:`Admission` (validation, rm_server/admission.py) and the
 :class:`Batcher`, and translates the results back. Errors are raised, never caught here: the
 interceptor maps them to status codes.
+
+Model versions (rm_server/versions.py): a request's samples are encoded for and bound to the
+version it pins (``ScoreRequest.version``) or the default; each result names the version that
+scored it; ``GetModelInfo`` describes the default, or the version its request names, and lists
+the resident ones.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from google.protobuf.message import DecodeError
 from protos import reward_pb2 as pb
 from protos.encoding import ChatInput, FullTextInput, TextInput, TokenInput
 from rm_server.admission import Admission, Caller, Input
-from rm_server.batch_policy import Pending
+from rm_server.batch_policy import Pending, Scored
 from rm_server.batcher import Batcher
-from rm_server.errors import InvalidArgument, NotReady
+from rm_server.errors import InvalidArgument, NotReady, NotResident
 from rm_server.sinks import StreamSink, UnarySink
 
 
@@ -74,13 +79,16 @@ def caller_peer(context) -> str:
     return peer  # unix sockets and others: one peer per name
 
 
-def result_message(results: list[tuple[Pending, float]]) -> pb.ScoreResponse:
-    """The results as protobuf; a multi-head model's rewards carry every head's score
-    (``rm_server.heads.Reward.heads``)."""
-    return pb.ScoreResponse(results=[
-        pb.ScoreResult(id=p.sample_id, reward=r, num_tokens=p.length, truncated=p.truncated,
-                       head_scores=getattr(r, "heads", ()))
-        for p, r in results])
+def result_message(results: list[tuple[Pending, Scored]]) -> pb.ScoreResponse:
+    """The results as protobuf: reward, every head's score (multi-head models), the version."""
+    out = []
+    for p, r in results:
+        tag = r.version
+        out.append(pb.ScoreResult(id=p.sample_id, reward=r.reward, num_tokens=p.length,
+                                  truncated=p.truncated, head_scores=r.heads,
+                                  version=tag.hash if tag else "",
+                                  version_label=tag.label if tag else ""))
+    return pb.ScoreResponse(results=out)
 
 
 class RewardServicer:
@@ -88,7 +96,8 @@ class RewardServicer:
 
     def __init__(self, batcher: Batcher | None, max_samples_per_request: int = 1024,
                  metrics=None, stream_admission_timeout: float = 10.0):
-        self.model = None  # set by the server once loaded and warmed up
+        self.model = None  # the default version's model, set by the server once warm
+        self.versions = None  # rm_server.versions.Versions, set by the server
         self.batcher = batcher
         self.admission = Admission(max_samples_per_request, metrics)
         self.stream_admission_timeout = stream_admission_timeout
@@ -103,13 +112,29 @@ class RewardServicer:
             raise NotReady("model is not loaded yet (or the server is draining)")
         return self.model
 
+    def resolve(self, pin: str = ""):
+        """The version a request pinning ``pin`` ("" for none) is bound to (None without a
+        registry: one model, no versions)."""
+        self._require_model()
+        if self.versions is None:
+            if pin:
+                raise NotResident(f"version {pin!r}: this server holds one unversioned model")
+            return None
+        return self.versions.resolve(pin)
+
+    async def admit(self, samples, sink, caller, taken, pin: str = "") -> list[Pending]:
+        """``(id, input)`` pairs as queue entries bound to the version ``pin`` names (the
+        default when empty), encoded by that version (:meth:`Admission.admit`)."""
+        version = self.resolve(pin)
+        model = version.model if version is not None else self.model
+        return await self.admission.admit(samples, model.encoder, sink, caller, taken,
+                                          self.batcher.max_queue, version, bool(pin))
+
     async def prepare(self, request: pb.ScoreRequest, sink, context,
                       taken: set[str]) -> list[Pending]:
-        """The request's samples as queue entries (:meth:`Admission.admit`)."""
-        model = self._require_model()
+        """The request's samples as queue entries (:meth:`admit`)."""
         samples = [(s.id, to_domain(s)) for s in request.samples]
-        return await self.admission.admit(samples, model.encoder, sink, caller_of(context),
-                                          taken, self.batcher.max_queue)
+        return await self.admit(samples, sink, caller_of(context), taken, request.version)
 
     async def Score(self, raw: bytes, context) -> pb.ScoreResponse:
         """All of the request's results, in request order (as TEI and vLLM answer, and as a
@@ -160,9 +185,12 @@ class RewardServicer:
             sink.queue.put_nowait(e)
 
     async def GetModelInfo(self, raw: bytes, context) -> pb.ModelInfo:
-        parse(raw, pb.GetModelInfoRequest)
-        self._require_model()
-        return self.info
+        request = parse(raw, pb.GetModelInfoRequest)
+        version = self.resolve(request.version)
+        if not request.version or version is None:
+            return self.info
+        return versions_info(version, self.versions, self.info.max_samples_per_request,
+                             self.info.server_version)
 
 
 def model_info(model, max_samples: int, server_version: str) -> pb.ModelInfo:
@@ -183,6 +211,22 @@ def model_info(model, max_samples: int, server_version: str) -> pb.ModelInfo:
         recipe_reason=model.recipe_reason, head_names=model.heads.names,
         reward_aggregation=model.heads.describe(),
         accepts_token_type_ids=bool(model.encoder.type_vocab_size))
+
+
+def versions_info(version, versions, max_samples: int, server_version: str) -> pb.ModelInfo:
+    """ModelInfo of ``version`` with the resident versions and the default listed."""
+    info = model_info(version.model, max_samples, server_version)
+    info.version, info.version_label = version.hash, version.label
+    info.default_version = versions.default.hash
+    info.resident_versions.extend(version_message(v, versions) for v in versions.listed())
+    return info
+
+
+def version_message(version, versions) -> pb.ModelVersion:
+    return pb.ModelVersion(version=version.hash, label=version.label,
+                           is_default=version is versions.default, name=version.name,
+                           tokenizer_fingerprint=version.fingerprint,
+                           loaded_at=version.loaded_at, load_seconds=version.load_seconds)
 
 
 def recipe_message(recipe) -> pb.ScoringRecipe:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from rm_server.batch_policy import Pending
+from rm_server.batch_policy import Pending, Scored
 
 
 class UnarySink:
@@ -19,11 +19,11 @@ class UnarySink:
 
     def __init__(self, n: int):
         self.cancelled = False
-        self.results: list[tuple[Pending, float]] = []
+        self.results: list[tuple[Pending, Scored]] = []
         self.n = n
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
 
-    def deliver(self, results: list[tuple[Pending, float]]) -> None:
+    def deliver(self, results: list[tuple[Pending, Scored]]) -> None:
         self.results.extend(results)
         if len(self.results) == self.n and not self.future.done():
             self.future.set_result(self.results)
@@ -44,7 +44,7 @@ class StreamSink:
         self.outstanding: set[str] = set()
         self.input_closed = False
 
-    def deliver(self, results: list[tuple[Pending, float]]) -> None:
+    def deliver(self, results: list[tuple[Pending, Scored]]) -> None:
         for p, _ in results:
             self.outstanding.discard(p.sample_id)
         self.queue.put_nowait(results)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rm_server.batch_policy import BatchPolicy, Pending
+from rm_server.batch_policy import BatchPolicy, Pending, Scored
 from rm_server.batcher import Batcher
 from rm_server.errors import DeadlineExceeded, Overloaded
 from rm_server.metrics import Metrics
@@ -25,14 +25,15 @@ class FakeModel:
         self.batches, self.delay, self.fail_on = [], delay, fail_on
         self.threads = set()
 
-    def __call__(self, seqs):
+    def __call__(self, batch):
+        seqs = [p.ids for p in batch]
         self.threads.add(threading.current_thread().name)
         self.batches.append([len(s) for s in seqs])
         if self.delay:
             time.sleep(self.delay)
         if self.fail_on is not None and any(len(s) == self.fail_on for s in seqs):
             raise RuntimeError("model fault")
-        return [sum(s) / 1000 for s in seqs]
+        return [Scored(sum(s) / 1000) for s in seqs]
 
 
 def run(coro):
@@ -87,7 +88,7 @@ def test_every_sample_answered_once_with_its_score():
         return model, results, metrics
 
     model, results, metrics = run(main())
-    seen = [(p.sample_id, r) for res in results for p, r in res]
+    seen = [(p.sample_id, r.reward) for res in results for p, r in res]
     assert len(seen) == 100 and len({s for s, _ in seen}) == 100
     for sid, r in seen:
         rr, j = sid[1:].split("-")
@@ -167,7 +168,7 @@ def test_model_fault_fails_only_that_batch():
         await b.stop()
         return res
 
-    assert run(main())[0][1] == pytest.approx(0.004)
+    assert run(main())[0][1].reward == pytest.approx(0.004)
 
 
 def test_next_batch_forms_while_one_runs():
@@ -330,10 +331,11 @@ class FixedCostModel:
     def __init__(self, per_call=0.05, per_token=1e-5):
         self.per_call, self.per_token, self.batches = per_call, per_token, []
 
-    def __call__(self, seqs):
+    def __call__(self, batch):
+        seqs = [p.ids for p in batch]
         self.batches.append([len(s) for s in seqs])
         time.sleep(self.per_call + self.per_token * len(seqs) * max(map(len, seqs)))
-        return [0.0] * len(seqs)
+        return [Scored(0.0)] * len(seqs)
 
 
 def test_short_requests_do_not_make_full_batches_look_too_slow():

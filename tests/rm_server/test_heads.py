@@ -12,13 +12,14 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from protos import reward_pb2 as pb
+from rm_server.batch_policy import Scored
 from rm_server.heads import (
     Aggregation,
-    Reward,
     aggregate,
     choose_aggregation,
     head_names,
     parse_weights,
+    rewards_with_heads,
 )
 from rm_server.model import RewardModel
 from rm_server.service import model_info, result_message
@@ -54,10 +55,11 @@ def test_every_head_equals_hf_on_the_last_token_path(three_heads, tokenizer, sha
     rm = RewardModel(three_heads, head_weights="helpfulness=0.7,safety=0.3")
     assert rm.scoring_path == "last-token" and rm.heads.names == tuple(LABELS.values())
     seqs = batch(len(tokenizer), shared_prefix)
-    got, want = rm.score(seqs), hf_heads(three_heads, seqs)
-    for r, w in zip(got, want):
-        assert isinstance(r, Reward) and r.heads == pytest.approx(w, abs=1e-5)
-        assert float(r) == pytest.approx(0.7 * w[0] + 0.3 * w[1], abs=1e-5)
+    (rewards, heads), want = rm.score_heads(seqs), hf_heads(three_heads, seqs)
+    assert rm.score(seqs) == pytest.approx(rewards, abs=1e-6)
+    for r, h, w in zip(rewards, heads, want):
+        assert h == pytest.approx(w, abs=1e-5)
+        assert r == pytest.approx(0.7 * w[0] + 0.3 * w[1], abs=1e-5)
     spread = [w[k] for w in want for k in range(3)]
     assert max(spread) - min(spread) > 0.1
 
@@ -72,8 +74,8 @@ def test_every_head_equals_hf_on_the_forward_path(tmp_path):
     ref = AutoModelForSequenceClassification.from_pretrained(path).eval()
     with torch.no_grad():
         want = [ref(**tok(p, r, return_tensors="pt")).logits[0].tolist() for p, r in pairs]
-    for r, w in zip(rm.score(seqs), want):
-        assert r.heads == pytest.approx(w, abs=1e-5) and float(r) == pytest.approx(w[1], abs=1e-5)
+    for r, h, w in zip(*rm.score_heads(seqs), want):
+        assert h == pytest.approx(w, abs=1e-5) and r == pytest.approx(w[1], abs=1e-5)
 
 
 def test_heads_reach_model_info_and_results(three_heads):
@@ -81,20 +83,21 @@ def test_heads_reach_model_info_and_results(three_heads):
     info = model_info(rm, 8, "test")
     assert list(info.head_names) == list(LABELS.values())
     assert info.reward_aggregation == "helpfulness"
-    out = rm.score([[5, 6, 7]])[0]
-    assert float(out) == out.heads[0]
+    [reward], [heads] = rm.score_heads([[5, 6, 7]])
+    assert reward == heads[0]
 
     class P:
         sample_id, length, truncated = "a", 3, False
 
-    msg = result_message([(P(), out)])
-    assert list(msg.results[0].head_scores) == pytest.approx(list(out.heads))
+    msg = result_message([(P(), Scored(reward, heads))])
+    assert list(msg.results[0].head_scores) == pytest.approx(list(heads))
     assert pb.ScoreResponse.FromString(msg.SerializeToString()) == msg
 
 
 def test_one_head_models_return_plain_floats(rm_dirs):
     rm = RewardModel(rm_dirs["llama"])
     assert rm.heads.names == ("LABEL_0",) and type(rm.score([[5, 6]])[0]) is float
+    assert rm.score_heads([[5, 6]])[1] == [()]  # no head scores on the wire for one head
     assert model_info(rm, 8, "t").reward_aggregation == "LABEL_0"
 
 
@@ -114,5 +117,5 @@ def test_aggregation_is_one_pure_function():
                     ({"reward_head": "a", "head_weights": "a=1"}, "not both")):
         with pytest.raises(ValueError, match=msg):
             choose_aggregation(names, **kw)
-    r = Reward(1.5, (1.0, 2.0))
-    assert r == 1.5 and r.heads == (1.0, 2.0) and type(float(r)) is float
+    rewards, heads = rewards_with_heads(scores, how)
+    assert rewards == [8.5, 6.0] and heads == [(1.0, 2.0, 4.0), (0.0, -1.0, 3.0)]

@@ -11,7 +11,7 @@ import pytest
 
 from protos import reward_pb2 as pb
 from protos.encoding import ChatInput, Encoder, TextInput
-from rm_server.batch_policy import BatchPolicy
+from rm_server.batch_policy import BatchPolicy, Scored
 from rm_server.batcher import Batcher
 from rm_server.errors import InvalidArgument
 from rm_server.service import RewardServicer, caller_peer
@@ -51,7 +51,7 @@ def tokens(sid, ids):
 
 def prepare(tokenizer, *samples, context=None):
     async def main():
-        svc = RewardServicer(Batcher(lambda seqs: [0.0] * len(seqs), BatchPolicy()))
+        svc = RewardServicer(Batcher(lambda batch: [Scored(0.0)] * len(batch), BatchPolicy()))
         svc.model = Model(tokenizer)
         try:
             return svc.model.encoder, await svc.prepare(pb.ScoreRequest(samples=samples),
@@ -108,10 +108,10 @@ class Recorder:
     def __init__(self):
         self.batches = []
 
-    def __call__(self, seqs):
-        self.batches.append([s[0] for s in seqs])
+    def __call__(self, batch):
+        self.batches.append([p.ids[0] for p in batch])
         time.sleep(0.002)
-        return [float(len(s)) for s in seqs]
+        return [Scored(float(p.length)) for p in batch]
 
 
 def serve(tokenizer, calls, policy):

@@ -20,7 +20,10 @@ relies on:
   every id is answered once; a sample that still fails raises :class:`ScoringError` naming it,
   never a made-up reward;
 - while the server cannot be reached, one warning per retry round ("waiting for the reward
-  model at ..., attempt n of N") goes to ``logger``, however many calls are waiting.
+  model at ..., attempt n of N") goes to ``logger``, however many calls are waiting;
+- ``version=`` pins a call to one model version (weights hash or label, ``ScoreRequest.version``);
+  each result names the version that scored it (``ScoreResult.version``, ``version_label``).
+  A version that is not resident is FAILED_PRECONDITION: not retried.
 """
 
 from __future__ import annotations
@@ -190,14 +193,18 @@ class AsyncRewardClient:
                 await self._backoff(attempt, err, deadline)
         raise AssertionError("unreachable: the last attempt raises")
 
-    async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
-        return await self._unary("GetModelInfo", pb.GetModelInfoRequest(), timeout)
+    async def model_info(self, timeout: float | None = None,
+                         version: str | None = None) -> pb.ModelInfo:
+        """The default version's info (or ``version``'s), with the resident versions listed."""
+        return await self._unary("GetModelInfo", pb.GetModelInfoRequest(version=version or ""),
+                                 timeout)
 
-    async def score(self, samples: Sequence[pb.Sample], timeout: float | None = None
-                    ) -> list[ScoreResult]:
-        """Unary Score; results in the order of ``samples``."""
+    async def score(self, samples: Sequence[pb.Sample], timeout: float | None = None,
+                    version: str | None = None) -> list[ScoreResult]:
+        """Unary Score; results in the order of ``samples``; ``version``: pin one."""
+        request = pb.ScoreRequest(samples=samples, version=version or "")
         try:
-            response = await self._unary("Score", pb.ScoreRequest(samples=samples), timeout)
+            response = await self._unary("Score", request, timeout)
         except ScoringError as e:
             e.sample_ids = [s.id for s in samples]
             raise
@@ -205,13 +212,15 @@ class AsyncRewardClient:
         return [ScoreResult.from_message(by_id[s.id]) for s in samples]
 
     async def score_stream(self, samples: Iterable[pb.Sample], chunk_size: int = 64,
-                           timeout: float | None = None) -> AsyncIterator[ScoreResult]:
-        """Stream samples in chunks; yield results as batches finish (any order).
+                           timeout: float | None = None, version: str | None = None
+                           ) -> AsyncIterator[ScoreResult]:
+        """Stream samples in chunks; yield results as batches finish (any order); ``version``:
+        pin every request of the stream to one model version.
 
         On a transient failure the unanswered samples are resubmitted on a new stream (the
         next address), so each id is yielded exactly once.
         """
-        outbox = _Outbox(samples, chunk_size)
+        outbox = _Outbox(samples, chunk_size, version or "")
         deadline = self._deadline()
         for attempt in range(self.max_attempts):
             per_try = min(timeout or self.stream_timeout,
@@ -238,10 +247,11 @@ class AsyncRewardClient:
         raise AssertionError("unreachable: the last attempt raises")
 
     async def score_all(self, samples: Sequence[pb.Sample], chunk_size: int = 64,
-                        timeout: float | None = None) -> list[ScoreResult]:
+                        timeout: float | None = None, version: str | None = None
+                        ) -> list[ScoreResult]:
         """Score many samples over one stream; results in the order of ``samples``."""
         by_id = {}
-        async for r in self.score_stream(samples, chunk_size, timeout):
+        async for r in self.score_stream(samples, chunk_size, timeout, version):
             by_id[r.id] = r
         return [by_id[s.id] for s in samples]
 
@@ -260,9 +270,10 @@ class _Outbox:
     """A stream's samples across attempts: those sent and not answered yet (resent first on
     the next stream), then those not sent yet, drawn from the caller's iterable in chunks."""
 
-    def __init__(self, samples: Iterable[pb.Sample], chunk_size: int):
+    def __init__(self, samples: Iterable[pb.Sample], chunk_size: int, version: str = ""):
         self.source = iter(samples)
         self.chunk_size = chunk_size
+        self.version = version
         self.unanswered: dict[str, pb.Sample] = {}
         self.exhausted = False  # the caller's iterable has no more samples
 
@@ -272,7 +283,7 @@ class _Outbox:
 
     async def _requests(self, resend: list[pb.Sample]) -> AsyncIterator[pb.ScoreRequest]:
         for i in range(0, len(resend), self.chunk_size):
-            yield pb.ScoreRequest(samples=resend[i: i + self.chunk_size])
+            yield pb.ScoreRequest(samples=resend[i: i + self.chunk_size], version=self.version)
         while not self.exhausted:
             chunk = list(itertools.islice(self.source, self.chunk_size))
             if not chunk:
@@ -280,7 +291,7 @@ class _Outbox:
                 return
             for s in chunk:
                 self.unanswered[s.id] = s
-            yield pb.ScoreRequest(samples=chunk)
+            yield pb.ScoreRequest(samples=chunk, version=self.version)
 
 
 def _channel_credentials(tls: TLSConfig | None):

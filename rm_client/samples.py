@@ -16,10 +16,13 @@ class ScoreResult:
     num_tokens: int
     truncated: bool
     head_scores: tuple[float, ...] = ()  # a multi-head RM's heads (an ensemble's members)
+    version: str = ""  # the model version that scored it: its weights hash (ModelInfo.version)
+    version_label: str = ""  # that version's operator label; empty when it has none
 
     @classmethod
     def from_message(cls, r: pb.ScoreResult) -> ScoreResult:
-        return cls(r.id, r.reward, r.num_tokens, r.truncated, tuple(r.head_scores))
+        return cls(r.id, r.reward, r.num_tokens, r.truncated, tuple(r.head_scores), r.version,
+                   r.version_label)
 
 
 def text_sample(sample_id: str, prompt: str, response: str) -> pb.Sample:

@@ -35,25 +35,29 @@ class RewardClient:
     def retries(self) -> int:
         return self._client.retries
 
-    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
-        return self._call(self._client.model_info(timeout))
+    def model_info(self, timeout: float | None = None,
+                   version: str | None = None) -> pb.ModelInfo:
+        return self._call(self._client.model_info(timeout, version))
 
-    def score(self, samples: Sequence[pb.Sample], timeout: float | None = None
-              ) -> list[ScoreResult]:
-        return self._call(self._client.score(samples, timeout))
+    def score(self, samples: Sequence[pb.Sample], timeout: float | None = None,
+              version: str | None = None) -> list[ScoreResult]:
+        return self._call(self._client.score(samples, timeout, version))
 
     def score_all(self, samples: Sequence[pb.Sample], chunk_size: int = 64,
-                  timeout: float | None = None) -> list[ScoreResult]:
-        return self._call(self._client.score_all(samples, chunk_size, timeout))
+                  timeout: float | None = None, version: str | None = None
+                  ) -> list[ScoreResult]:
+        return self._call(self._client.score_all(samples, chunk_size, timeout, version))
 
     def score_stream(self, samples: Iterable[pb.Sample], chunk_size: int = 64,
-                     timeout: float | None = None) -> Iterator[ScoreResult]:
+                     timeout: float | None = None, version: str | None = None
+                     ) -> Iterator[ScoreResult]:
         out: queue.Queue = queue.Queue()
         done = object()
 
         async def pump():
             try:
-                async for r in self._client.score_stream(samples, chunk_size, timeout):
+                async for r in self._client.score_stream(samples, chunk_size, timeout,
+                                                         version):
                     out.put(r)
             except BaseException as e:  # handed to the caller's thread
                 out.put(e)

@@ -49,6 +49,7 @@ def generate_and_score(step: int, prompt_rows: list[int], models: Models, prompt
             rollouts = rollout.generate(models.nets.policy, [prompts.ids[i] for i in rows], rows,
                                         gen_config, models.stop_ids, models.pad_id, seed, device)
         ids = [f"s{step}-r{rank}-{start + j}" for j in range(len(rows))]
+        scored.ids += ids  # rollout order: the RM version of each reward (rollout_texts)
         scorer.submit(rm_samples(rollouts, ids, rm_input, models, prompts))  # 2. answered later
         if not cfg.rm_overlap:  # sequential: wait for this chunk before doing anything else
             with timer("score"):
@@ -106,8 +107,9 @@ def reference_forwards(rollouts: Rollouts, nets: Nets, temperature: float) -> No
 
 
 def rollout_texts(rollouts: Rollouts, scores: torch.Tensor, step: int, n: int, models: Models,
-                  prompts: Prompts) -> list[dict]:
-    """The first ``n`` rollouts as text for OUT/rollouts.jsonl (score null: the RM failed)."""
+                  prompts: Prompts, versions: list[str | None] | None = None) -> list[dict]:
+    """The first ``n`` rollouts as text for OUT/rollouts.jsonl (score null: the RM failed),
+    each with the RM version that scored it (``versions``, in rollout order)."""
     out = []
     for j in range(min(n, len(rollouts))):
         response = rollouts.response[j, : int(rollouts.lengths[j])].tolist()
@@ -115,5 +117,6 @@ def rollout_texts(rollouts: Rollouts, scores: torch.Tensor, step: int, n: int, m
         out.append({"step": step, "prompt": prompts.texts[rollouts.prompt_index[j]],
                     "response": models.tokenizer.decode(response, skip_special_tokens=True),
                     "score": None if math.isnan(score) else score,
-                    "ended": bool(rollouts.ended[j]), "length": len(response)})
+                    "ended": bool(rollouts.ended[j]), "length": len(response),
+                    **({"rm_version": versions[j]} if versions is not None else {})})
     return out

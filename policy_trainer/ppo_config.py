@@ -38,6 +38,11 @@ class PPOConfig(ScaleConfig):
     else text; chat = user/assistant messages."""
     rm_token_file: str | None = None
     """File holding the RM's bearer token (when the server runs with --auth-token-file)."""
+    rm_version: str | None = None
+    """Pin every reward of the run to one RM version: its weights hash or label (GetModelInfo's
+    resident_versions). Default: whatever version the server's default is when each chunk is
+    scored (its changes are logged as rm_version_change events). A pinned version the server
+    does not hold at start is one line, exit 1; unloaded mid-run, its samples fail."""
     rm_client_id: str | None = None
     """x-client-id sent to the RM, for its fair scheduling and metrics (default: ppo-<out name>)."""
     rm_timeout: float = 60.0

@@ -61,7 +61,7 @@ from policy_trainer.ppo_update import layout, ppo_update
 from policy_trainer.rollout import Rollouts
 from policy_trainer.runlog import StepLog, progress_bar
 from policy_trainer.scaling import Run
-from policy_trainer.scoring import RMError
+from policy_trainer.scoring import RMError, RMVersionLog
 
 __all__ = ["PPOConfig", "train_ppo"]
 log = logging.getLogger("policy_trainer.ppo")
@@ -123,7 +123,8 @@ def train(cfg: PPOConfig, run: Run, closers: list) -> int:
         step_log, metrics = open_logs(cfg, out, step if resume_from else None, closers)
         step_log.write({"event": "start", "step": step, "total_steps": total_steps,
                         "prompts": len(prompts.ids), "world_size": dist.world_size,
-                        "rm_input": rm_input})
+                        "rm_input": rm_input, "rm_version": cfg.rm_version})
+        rm_versions = RMVersionLog(metrics.registry)  # rank 0's rewards
 
     def save(step: int) -> None:
         state = checkpoint.trainer_state(step, stateful, cursor=cursor,
@@ -181,9 +182,11 @@ def train(cfg: PPOConfig, run: Run, closers: list) -> int:
         record = step_record(step, sums, counts, kl_coef, lr,
                              distributed.mean_across(dist, local))
         if dist.is_main:
-            step_log.write(record)
+            for event in rm_versions.observe(step, scored.results.values()):
+                step_log.write(event)  # the RM's default changed under the run
+            step_log.write({**record, "rm_versions": rm_versions.counts})
             step_log.write_rollouts(rollout_texts(rollouts, scores, step, cfg.log_rollouts,
-                                                  models, prompts))
+                                                  models, prompts, scored.versions()))
             metrics.observe(record, scored.latencies, record["rm_retries"] - retries_seen)
             retries_seen = record["rm_retries"]
             bar.update(1)

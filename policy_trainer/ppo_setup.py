@@ -141,7 +141,8 @@ def connect_rm(cfg: PPOConfig, m: Models) -> tuple[RMScorer, str, tuple[float, f
     scorer = RMScorer(cfg.rm, token=token, timeout=cfg.rm_timeout,
                       max_attempts=cfg.rm_max_attempts, backoff_max=cfg.rm_backoff_max,
                       client_id=cfg.rm_client_id or f"ppo-{Path(cfg.out).resolve().name}",
-                      chunk_size=cfg.rm_chunk_size, chunk_timeout=cfg.rm_chunk_timeout)
+                      chunk_size=cfg.rm_chunk_size, chunk_timeout=cfg.rm_chunk_timeout,
+                      version=cfg.rm_version)
     try:
         info = scorer.model_info()
         mode = choose_input_mode(cfg.rm_input, info, m.tokenizer)

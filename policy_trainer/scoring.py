@@ -16,6 +16,10 @@ Input form: at start the trainer compares its tokenizer's fingerprint with the s
 ``ModelInfo.tokenizer_fingerprint``. Equal: token ids go on the wire as generated (no decode /
 re-encode round trip, which is not always the identity). Different: text pairs (or chat
 messages with ``chat``), tokenized by the server, so an RM with another tokenizer still works.
+
+RM versions: each result names the version that scored it. ``version`` (``--rm-version``) pins
+every call of the run to one (its model info included); :class:`RMVersionLog` counts the
+versions behind each step's rewards and reports a change of version as an event.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import grpc
 
 from protos import reward_pb2 as pb
 from protos.encoding import tokenizer_fingerprint
@@ -87,6 +94,11 @@ class Collected:
     results: dict[str, ScoreResult]
     failed: dict[str, str]
     latencies: list[float]  # per chunk
+    ids: list[str] = field(default_factory=list)  # the rollouts' sample ids, in rollout order
+
+    def versions(self) -> list[str | None]:
+        """The RM version behind each rollout's reward, in rollout order (None: failed)."""
+        return [r.version if (r := self.results.get(i)) else None for i in self.ids]
 
     def merge(self, other: Collected) -> None:
         self.results.update(other.results)
@@ -99,8 +111,9 @@ class RMScorer:
 
     def __init__(self, targets: str, *, token: str | None, timeout: float, max_attempts: int,
                  backoff_max: float, client_id: str | None, chunk_size: int,
-                 chunk_timeout: float | None = None):
+                 chunk_timeout: float | None = None, version: str | None = None):
         self.chunk_size = chunk_size
+        self.version = version  # every call pinned to this RM version (None: the default)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rm-scorer",
                                         daemon=True)
@@ -126,11 +139,15 @@ class RMScorer:
         return self._client.retries
 
     def model_info(self) -> pb.ModelInfo:
+        """The pinned version's info (the default's without a pin)."""
+        where = ",".join(self._client.targets)
         try:
-            return self._run(self._client.model_info())
+            return self._run(self._client.model_info(version=self.version))
         except ScoringError as e:
-            raise RMError(f"cannot reach the reward model at "
-                                    f"{','.join(self._client.targets)}: {e}") from None
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise RMError(f"--rm-version {self.version}: the reward model at {where} does "
+                              f"not hold it: {str(e).split(': ', 2)[-1]}") from None
+            raise RMError(f"cannot reach the reward model at {where}: {e}") from None
 
     def submit(self, samples: list[pb.Sample]) -> None:
         """Start scoring ``samples`` now; returns at once."""
@@ -139,7 +156,8 @@ class RMScorer:
     async def _score(self, samples: list[pb.Sample]) -> ChunkOutcome:
         out, t0 = ChunkOutcome(), time.perf_counter()
         try:
-            async for r in self._client.score_stream(samples, self.chunk_size):
+            async for r in self._client.score_stream(samples, self.chunk_size,
+                                                     version=self.version):
                 out.results[r.id] = r
         except ScoringError as e:
             # Whatever is unanswered failed (the error names only ids already sent).
@@ -171,3 +189,47 @@ class RMScorer:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+
+
+class RMVersionLog:
+    """The RM versions behind a run's rewards: counts per step, a change of version as an event
+    (``{"event": "rm_version_change", ...}`` in the step log) and as metrics:
+    ``ppo_rm_version_changes_total`` and ``ppo_rm_version_info{version,label}`` (1 for the
+    current version only: one series at a time)."""
+
+    def __init__(self, registry=None):
+        self.current: str | None = None
+        self.counts: dict[str, int] = {}  # the last step's rewards per version
+        self._changes = self._info = None
+        if registry is not None:
+            from prometheus_client import Counter as PromCounter
+            from prometheus_client import Gauge
+
+            self._changes = PromCounter("ppo_rm_version_changes", "Changes of the RM version "
+                                        "behind the rewards (a swap or rollback on the server)",
+                                        registry=registry)
+            self._info = Gauge("ppo_rm_version_info", "1 for the RM version behind the latest "
+                               "rewards (version: weights hash; label: the operator's)",
+                               ["version", "label"], registry=registry)
+
+    def observe(self, step: int, results) -> list[dict]:
+        """Count the step's results per version; the change events to log (a version other
+        than the current one scored some of them: the first step's version is no change)."""
+        results = list(results)
+        self.counts = dict(Counter(r.version for r in results))
+        labels = {r.version: r.version_label for r in results}
+        new = [v for v in self.counts if v != self.current]
+        if not new:
+            return []
+        previous, self.current = self.current, max(new, key=self.counts.__getitem__)
+        if self._info is not None:
+            self._info.clear()
+            self._info.labels(self.current, labels[self.current]).set(1)
+        if previous is None:
+            return []
+        if self._changes is not None:
+            self._changes.inc()
+        log.warning("step %d: the RM version behind the rewards changed from %s to %s (%s)",
+                    step, previous, self.current, labels[self.current] or "no label")
+        return [{"event": "rm_version_change", "step": step, "from": previous,
+                 "to": self.current, "label": labels[self.current], "versions": self.counts}]

@@ -24,49 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/reward.proto\x12\x0erlhf.reward.v1\"H\n\x0cScoreRequest\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.rlhf.reward.v1.Sample\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xd8\x01\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04text\x18\x02 \x01(\x0b\x32\x18.rlhf.reward.v1.TextPairH\x00\x12\x34\n\x0c\x63onversation\x18\x03 \x01(\x0b\x32\x1c.rlhf.reward.v1.ConversationH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.rlhf.reward.v1.TokenIdsH\x00\x12-\n\tfull_text\x18\x05 \x01(\x0b\x32\x18.rlhf.reward.v1.FullTextH\x00\x42\x07\n\x05input\",\n\x08TextPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"=\n\x0c\x43onversation\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.rlhf.reward.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"F\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x16\n\x0etoken_type_ids\x18\x03 \x03(\x05\"\x18\n\x08\x46ullText\x12\x0c\n\x04text\x18\x01 \x01(\t\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.rlhf.reward.v1.ScoreResult\"\x8d\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x13\n\x0bhead_scores\x18\x05 \x03(\x02\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x15\n\rversion_label\x18\x07 \x01(\t\"&\n\x13GetModelInfoRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xd4\x05\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x18\n\x10has_reward_stats\x18\x06 \x01(\x08\x12\x13\n\x0breward_mean\x18\x07 \x01(\x02\x12\x12\n\nreward_std\x18\x08 \x01(\x02\x12\x12\n\nmodel_type\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x12\n\ntruncation\x18\r \x01(\t\x12\x19\n\x11has_chat_template\x18\x0e \x01(\x08\x12\x14\n\x0c\x62os_token_id\x18\x0f \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x10 \x01(\x05\x12\x14\n\x0cpad_token_id\x18\x11 \x01(\x05\x12\x1f\n\x17max_samples_per_request\x18\x12 \x01(\x05\x12\x14\n\x0cscoring_path\x18\x13 \x01(\t\x12\x16\n\x0enum_parameters\x18\x14 \x01(\x03\x12\x16\n\x0eserver_version\x18\x15 \x01(\t\x12-\n\x06recipe\x18\x16 \x01(\x0b\x32\x1d.rlhf.reward.v1.ScoringRecipe\x12\x15\n\rrecipe_reason\x18\x17 \x01(\t\x12\x12\n\nhead_names\x18\x18 \x03(\t\x12\x1a\n\x12reward_aggregation\x18\x19 \x01(\t\x12\x1e\n\x16\x61\x63\x63\x65pts_token_type_ids\x18\x1a \x01(\x08\x12\x15\n\rversion_label\x18\x1b \x01(\t\x12\x37\n\x11resident_versions\x18\x1c \x03(\x0b\x32\x1c.rlhf.reward.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x1d \x01(\t\"\x98\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x11\n\tloaded_at\x18\x06 \x01(\x01\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\"G\n\x12LoadVersionRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\"+\n\x18SetDefaultVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\'\n\x14UnloadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xba\x01\n\x10VersionsResponse\x12-\n\x07version\x18\x01 \x01(\x0b\x32\x1c.rlhf.reward.v1.ModelVersion\x12.\n\x08resident\x18\x02 \x03(\x0b\x32\x1c.rlhf.reward.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\x12.\n\x08unloaded\x18\x04 \x03(\x0b\x32\x1c.rlhf.reward.v1.ModelVersion\"\x81\x01\n\rScoringRecipe\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04join\x18\x02 \x01(\t\x12\x16\n\x0especial_tokens\x18\x03 \x01(\x08\x12\x0b\n\x03\x65os\x18\x04 \x01(\t\x12\x0c\n\x04\x63hat\x18\x05 \x01(\t\x12\x10\n\x08position\x18\x06 \x01(\t\x12\x0f\n\x07summary\x18\x07 \x01(\t2\xf5\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.rlhf.reward.v1.ScoreRequest\x1a\x1d.rlhf.reward.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.rlhf.reward.v1.ScoreRequest\x1a\x1d.rlhf.reward.v1.ScoreResponse(\x01\x30\x01\x12N\n\x0cGetModelInfo\x12#.rlhf.reward.v1.GetModelInfoRequest\x1a\x19.rlhf.reward.v1.ModelInfo2\x9d\x02\n\x0c\x41\x64minService\x12S\n\x0bLoadVersion\x12\".rlhf.reward.v1.LoadVersionRequest\x1a .rlhf.reward.v1.VersionsResponse\x12_\n\x11SetDefaultVersion\x12(.rlhf.reward.v1.SetDefaultVersionRequest\x1a .rlhf.reward.v1.VersionsResponse\x12W\n\rUnloadVersion\x12$.rlhf.reward.v1.UnloadVersionRequest\x1a .rlhf.reward.v1.VersionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/reward.proto\x12\x0erlhf.reward.v1\"\x80\x01\n\x0cScoreRequest\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.rlhf.reward.v1.Sample\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x36\n\x0b\x61ggregation\x18\x03 \x01(\x0b\x32!.rlhf.reward.v1.RewardAggregation\"U\n\x11RewardAggregation\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x1d\n\x10uncertainty_coef\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_uncertainty_coef\"\xd8\x01\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04text\x18\x02 \x01(\x0b\x32\x18.rlhf.reward.v1.TextPairH\x00\x12\x34\n\x0c\x63onversation\x18\x03 \x01(\x0b\x32\x1c.rlhf.reward.v1.ConversationH\x00\x12*\n\x06tokens\x18\x04 \x01(\x0b\x32\x18.rlhf.reward.v1.TokenIdsH\x00\x12-\n\tfull_text\x18\x05 \x01(\x0b\x32\x18.rlhf.reward.v1.FullTextH\x00\x42\x07\n\x05input\",\n\x08TextPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"=\n\x0c\x43onversation\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.rlhf.reward.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"F\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x16\n\x0etoken_type_ids\x18\x03 \x03(\x05\"\x18\n\x08\x46ullText\x12\x0c\n\x04text\x18\x01 \x01(\t\"=\n\rScoreResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.rlhf.reward.v1.ScoreResult\"\xb2\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x13\n\x0bhead_scores\x18\x05 \x03(\x02\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x15\n\rversion_label\x18\x07 \x01(\t\x12\x11\n\thead_mean\x18\x08 \x01(\x02\x12\x10\n\x08head_std\x18\t \x01(\x02\"&\n\x13GetModelInfoRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x88\x06\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x18\n\x10has_reward_stats\x18\x06 \x01(\x08\x12\x13\n\x0breward_mean\x18\x07 \x01(\x02\x12\x12\n\nreward_std\x18\x08 \x01(\x02\x12\x12\n\nmodel_type\x18\t \x01(\t\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x12\n\ntruncation\x18\r \x01(\t\x12\x19\n\x11has_chat_template\x18\x0e \x01(\x08\x12\x14\n\x0c\x62os_token_id\x18\x0f \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x10 \x01(\x05\x12\x14\n\x0cpad_token_id\x18\x11 \x01(\x05\x12\x1f\n\x17max_samples_per_request\x18\x12 \x01(\x05\x12\x14\n\x0cscoring_path\x18\x13 \x01(\t\x12\x16\n\x0enum_parameters\x18\x14 \x01(\x03\x12\x16\n\x0eserver_version\x18\x15 \x01(\t\x12-\n\x06recipe\x18\x16 \x01(\x0b\x32\x1d.rlhf.reward.v1.ScoringRecipe\x12\x15\n\rrecipe_reason\x18\x17 \x01(\t\x12\x12\n\nhead_names\x18\x18 \x03(\t\x12\x1a\n\x12reward_aggregation\x18\x19 \x01(\t\x12\x1e\n\x16\x61\x63\x63\x65pts_token_type_ids\x18\x1a \x01(\x08\x12\x15\n\rversion_label\x18\x1b \x01(\t\x12\x37\n\x11resident_versions\x18\x1c \x03(\x0b\x32\x1c.rlhf.reward.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x1d \x01(\t\x12\x18\n\x10\x65nsemble_members\x18\x1e \x01(\x05\x12\x18\n\x10uncertainty_coef\x18\x1f \x01(\x02\"\x98\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x11\n\tloaded_at\x18\x06 \x01(\x01\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\"G\n\x12LoadVersionRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\"+\n\x18SetDefaultVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\'\n\x14UnloadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xba\x01\n\x10VersionsResponse\x12-\n\x07version\x18\x01 \x01(\x0b\x32\x1c.rlhf.reward.v1.ModelVersion\x12.\n\x08resident\x18\x02 \x03(\x0b\x32\x1c.rlhf.reward.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\x12.\n\x08unloaded\x18\x04 \x03(\x0b\x32\x1c.rlhf.reward.v1.ModelVersion\"\x81\x01\n\rScoringRecipe\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04join\x18\x02 \x01(\t\x12\x16\n\x0especial_tokens\x18\x03 \x01(\x08\x12\x0b\n\x03\x65os\x18\x04 \x01(\t\x12\x0c\n\x04\x63hat\x18\x05 \x01(\t\x12\x10\n\x08position\x18\x06 \x01(\t\x12\x0f\n\x07summary\x18\x07 \x01(\t2\xf5\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.rlhf.reward.v1.ScoreRequest\x1a\x1d.rlhf.reward.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.rlhf.reward.v1.ScoreRequest\x1a\x1d.rlhf.reward.v1.ScoreResponse(\x01\x30\x01\x12N\n\x0cGetModelInfo\x12#.rlhf.reward.v1.GetModelInfoRequest\x1a\x19.rlhf.reward.v1.ModelInfo2\x9d\x02\n\x0c\x41\x64minService\x12S\n\x0bLoadVersion\x12\".rlhf.reward.v1.LoadVersionRequest\x1a .rlhf.reward.v1.VersionsResponse\x12_\n\x11SetDefaultVersion\x12(.rlhf.reward.v1.SetDefaultVersionRequest\x1a .rlhf.reward.v1.VersionsResponse\x12W\n\rUnloadVersion\x12$.rlhf.reward.v1.UnloadVersionRequest\x1a .rlhf.reward.v1.VersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOREREQUEST']._serialized_start=39
-  _globals['_SCOREREQUEST']._serialized_end=111
-  _globals['_SAMPLE']._serialized_start=114
-  _globals['_SAMPLE']._serialized_end=330
-  _globals['_TEXTPAIR']._serialized_start=332
-  _globals['_TEXTPAIR']._serialized_end=376
-  _globals['_CONVERSATION']._serialized_start=378
-  _globals['_CONVERSATION']._serialized_end=439
-  _globals['_CHATMESSAGE']._serialized_start=441
-  _globals['_CHATMESSAGE']._serialized_end=485
-  _globals['_TOKENIDS']._serialized_start=487
-  _globals['_TOKENIDS']._serialized_end=557
-  _globals['_FULLTEXT']._serialized_start=559
-  _globals['_FULLTEXT']._serialized_end=583
-  _globals['_SCORERESPONSE']._serialized_start=585
-  _globals['_SCORERESPONSE']._serialized_end=646
-  _globals['_SCORERESULT']._serialized_start=649
-  _globals['_SCORERESULT']._serialized_end=790
-  _globals['_GETMODELINFOREQUEST']._serialized_start=792
-  _globals['_GETMODELINFOREQUEST']._serialized_end=830
-  _globals['_MODELINFO']._serialized_start=833
-  _globals['_MODELINFO']._serialized_end=1557
-  _globals['_MODELVERSION']._serialized_start=1560
-  _globals['_MODELVERSION']._serialized_end=1712
-  _globals['_LOADVERSIONREQUEST']._serialized_start=1714
-  _globals['_LOADVERSIONREQUEST']._serialized_end=1785
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=1787
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=1830
-  _globals['_UNLOADVERSIONREQUEST']._serialized_start=1832
-  _globals['_UNLOADVERSIONREQUEST']._serialized_end=1871
-  _globals['_VERSIONSRESPONSE']._serialized_start=1874
-  _globals['_VERSIONSRESPONSE']._serialized_end=2060
-  _globals['_SCORINGRECIPE']._serialized_start=2063
-  _globals['_SCORINGRECIPE']._serialized_end=2192
-  _globals['_REWARDSERVICE']._serialized_start=2195
-  _globals['_REWARDSERVICE']._serialized_end=2440
-  _globals['_ADMINSERVICE']._serialized_start=2443
-  _globals['_ADMINSERVICE']._serialized_end=2728
+  _globals['_SCOREREQUEST']._serialized_start=40
+  _globals['_SCOREREQUEST']._serialized_end=168
+  _globals['_REWARDAGGREGATION']._serialized_start=170
+  _globals['_REWARDAGGREGATION']._serialized_end=255
+  _globals['_SAMPLE']._serialized_start=258
+  _globals['_SAMPLE']._serialized_end=474
+  _globals['_TEXTPAIR']._serialized_start=476
+  _globals['_TEXTPAIR']._serialized_end=520
+  _globals['_CONVERSATION']._serialized_start=522
+  _globals['_CONVERSATION']._serialized_end=583
+  _globals['_CHATMESSAGE']._serialized_start=585
+  _globals['_CHATMESSAGE']._serialized_end=629
+  _globals['_TOKENIDS']._serialized_start=631
+  _globals['_TOKENIDS']._serialized_end=701
+  _globals['_FULLTEXT']._serialized_start=703
+  _globals['_FULLTEXT']._serialized_end=727
+  _globals['_SCORERESPONSE']._serialized_start=729
+  _globals['_SCORERESPONSE']._serialized_end=790
+  _globals['_SCORERESULT']._serialized_start=793
+  _globals['_SCORERESULT']._serialized_end=971
+  _globals['_GETMODELINFOREQUEST']._serialized_start=973
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1011
+  _globals['_MODELINFO']._serialized_start=1014
+  _globals['_MODELINFO']._serialized_end=1790
+  _globals['_MODELVERSION']._serialized_start=1793
+  _globals['_MODELVERSION']._serialized_end=1945
+  _globals['_LOADVERSIONREQUEST']._serialized_start=1947
+  _globals['_LOADVERSIONREQUEST']._serialized_end=2018
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=2020
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=2063
+  _globals['_UNLOADVERSIONREQUEST']._serialized_start=2065
+  _globals['_UNLOADVERSIONREQUEST']._serialized_end=2104
+  _globals['_VERSIONSRESPONSE']._serialized_start=2107
+  _globals['_VERSIONSRESPONSE']._serialized_end=2293
+  _globals['_SCORINGRECIPE']._serialized_start=2296
+  _globals['_SCORINGRECIPE']._serialized_end=2425
+  _globals['_REWARDSERVICE']._serialized_start=2428
+  _globals['_REWARDSERVICE']._serialized_end=2673
+  _globals['_ADMINSERVICE']._serialized_start=2676
+  _globals['_ADMINSERVICE']._serialized_end=2961
 # @@protoc_insertion_point(module_scope)

@@ -7,12 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("samples", "version")
+    __slots__ = ("samples", "version", "aggregation")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     version: str
-    def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+    aggregation: RewardAggregation
+    def __init__(self, samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., version: _Optional[str] = ..., aggregation: _Optional[_Union[RewardAggregation, _Mapping]] = ...) -> None: ...
+
+class RewardAggregation(_message.Message):
+    __slots__ = ("kind", "uncertainty_coef")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_COEF_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    uncertainty_coef: float
+    def __init__(self, kind: _Optional[str] = ..., uncertainty_coef: _Optional[float] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("id", "text", "conversation", "tokens", "full_text")
@@ -73,7 +83,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("id", "reward", "num_tokens", "truncated", "head_scores", "version", "version_label")
+    __slots__ = ("id", "reward", "num_tokens", "truncated", "head_scores", "version", "version_label", "head_mean", "head_std")
     ID_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +91,8 @@ class ScoreResult(_message.Message):
     HEAD_SCORES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
+    HEAD_MEAN_FIELD_NUMBER: _ClassVar[int]
+    HEAD_STD_FIELD_NUMBER: _ClassVar[int]
     id: str
     reward: float
     num_tokens: int
@@ -88,7 +100,9 @@ class ScoreResult(_message.Message):
     head_scores: _containers.RepeatedScalarFieldContainer[float]
     version: str
     version_label: str
-    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., head_scores: _Optional[_Iterable[float]] = ..., version: _Optional[str] = ..., version_label: _Optional[str] = ...) -> None: ...
+    head_mean: float
+    head_std: float
+    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., head_scores: _Optional[_Iterable[float]] = ..., version: _Optional[str] = ..., version_label: _Optional[str] = ..., head_mean: _Optional[float] = ..., head_std: _Optional[float] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("version",)
@@ -97,7 +111,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "max_length", "tokenizer_fingerprint", "has_reward_stats", "reward_mean", "reward_std", "model_type", "vocab_size", "dtype", "device", "truncation", "has_chat_template", "bos_token_id", "eos_token_id", "pad_token_id", "max_samples_per_request", "scoring_path", "num_parameters", "server_version", "recipe", "recipe_reason", "head_names", "reward_aggregation", "accepts_token_type_ids", "version_label", "resident_versions", "default_version")
+    __slots__ = ("name", "version", "architecture", "max_length", "tokenizer_fingerprint", "has_reward_stats", "reward_mean", "reward_std", "model_type", "vocab_size", "dtype", "device", "truncation", "has_chat_template", "bos_token_id", "eos_token_id", "pad_token_id", "max_samples_per_request", "scoring_path", "num_parameters", "server_version", "recipe", "recipe_reason", "head_names", "reward_aggregation", "accepts_token_type_ids", "version_label", "resident_versions", "default_version", "ensemble_members", "uncertainty_coef")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +141,8 @@ class ModelInfo(_message.Message):
     VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_COEF_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -156,7 +172,9 @@ class ModelInfo(_message.Message):
     version_label: str
     resident_versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     default_version: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., max_length: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., has_reward_stats: _Optional[bool] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., truncation: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., scoring_path: _Optional[str] = ..., num_parameters: _Optional[int] = ..., server_version: _Optional[str] = ..., recipe: _Optional[_Union[ScoringRecipe, _Mapping]] = ..., recipe_reason: _Optional[str] = ..., head_names: _Optional[_Iterable[str]] = ..., reward_aggregation: _Optional[str] = ..., accepts_token_type_ids: _Optional[bool] = ..., version_label: _Optional[str] = ..., resident_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_version: _Optional[str] = ...) -> None: ...
+    ensemble_members: int
+    uncertainty_coef: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., max_length: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., has_reward_stats: _Optional[bool] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., truncation: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., scoring_path: _Optional[str] = ..., num_parameters: _Optional[int] = ..., server_version: _Optional[str] = ..., recipe: _Optional[_Union[ScoringRecipe, _Mapping]] = ..., recipe_reason: _Optional[str] = ..., head_names: _Optional[_Iterable[str]] = ..., reward_aggregation: _Optional[str] = ..., accepts_token_type_ids: _Optional[bool] = ..., version_label: _Optional[str] = ..., resident_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., default_version: _Optional[str] = ..., ensemble_members: _Optional[int] = ..., uncertainty_coef: _Optional[float] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("version", "label", "is_default", "name", "tokenizer_fingerprint", "loaded_at", "load_seconds")

@@ -46,6 +46,7 @@ class Pending:
     token_type_ids: list[int] | None = None  # one per id, for models with token types
     version: object = None  # the model version that will score it (rm_server/versions.py)
     pinned: bool = False  # the request named ``version``: never moved to another one
+    aggregation: object = None  # the request's own aggregation of the heads (heads.py)
 
     @property
     def length(self) -> int:

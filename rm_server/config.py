@@ -33,6 +33,12 @@ class ServeConfig:
     first); every head's score is returned either way."""
     head_weights: str | None = None
     """Multi-head RMs: reward = a weighted sum of heads, e.g. helpfulness=0.7,safety=0.3."""
+    reward_aggregation: Literal["mean", "min", "uwo"] | None = None
+    """Multi-head RMs, an ensemble's members: reward = their mean, min (worst case) or
+    uwo = mean − λ·std (uncertainty-weighted). Default: an ensemble's own (config.json
+    reward_ensemble), else the first head. A request may ask for another."""
+    uncertainty_coef: float | None = None
+    """λ of uwo (default: the ensemble's stored one, else 1)."""
     host: str = "127.0.0.1"
     """Address to bind; 127.0.0.1 unless told otherwise (use 0.0.0.0 in a container)."""
     port: int = 50051
@@ -147,7 +153,8 @@ def model_options(cfg: ServeConfig) -> dict:
     names = ("dtype", "device", "max_length", "truncation", "prefix_sharing", "compile",
              "tokenizer", "chat_template", "trust_remote_code", "revision", "recipe",
              "reward_head", "head_weights")
-    return {"path": cfg.model, "name": cfg.model_name, **{n: getattr(cfg, n) for n in names}}
+    return {"path": cfg.model, "name": cfg.model_name, **{n: getattr(cfg, n) for n in names},
+            "reward_aggregation": (cfg.reward_aggregation, cfg.uncertainty_coef)}
 
 
 def batch_policy(cfg: ServeConfig, device_type: str) -> BatchPolicy:

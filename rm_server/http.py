@@ -173,8 +173,9 @@ class HttpDoor:
 
     async def score_json(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        samples, pin = shapes.score_samples(body)
-        results = await self._score(samples, request, pin)
+        samples, pin, asked = shapes.score_samples(body)
+        how = self.servicer.aggregation(asked, pin or request.headers.get("X-RM-Version", ""))
+        results = await self._score(samples, request, pin, how)
         return _json(shapes.score_response(results), results)
 
     async def model_info(self, request: web.Request) -> web.Response:
@@ -208,22 +209,24 @@ class HttpDoor:
         return version.model if version is not None else self.servicer.model
 
     async def _score(self, samples: shapes.Samples, request: web.Request,
-                     pin: str = "") -> shapes.Results:
+                     pin: str = "", how=None) -> shapes.Results:
         caller = caller_of(request)
         pin = pin or request.headers.get("X-RM-Version", "")
         if caller.time_remaining is None:
-            return await self._admit_and_wait(samples, caller, pin)
+            return await self._admit_and_wait(samples, caller, pin, how)
         try:
-            return await asyncio.wait_for(self._admit_and_wait(samples, caller, pin),
+            return await asyncio.wait_for(self._admit_and_wait(samples, caller, pin, how),
                                           caller.time_remaining)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"X-Timeout-Ms: {caller.time_remaining * 1000:.0f} ms "
                                    "passed; the request's queued samples were dropped") from None
 
     async def _admit_and_wait(self, samples: shapes.Samples, caller: Caller,
-                              pin: str) -> shapes.Results:
+                              pin: str, how=None) -> shapes.Results:
         batcher, sink = self.servicer.batcher, UnarySink(len(samples))
         items = await self.servicer.admit(samples, sink, caller, (), pin)
+        for p in items:
+            p.aggregation = how  # /v1/score's own (ScoreRequest.aggregation)
         batcher.submit(items)  # full queue: refuse (503)
         try:
             results = await sink.future

@@ -165,14 +165,16 @@ def _messages(value) -> tuple[tuple[str, str], ...]:
 
 # -- ours: POST /v1/score, GET /v1/model_info, GET /v1/models ------------------------------------
 
-def score_samples(body: dict) -> tuple[Samples, str]:
+def score_samples(body: dict) -> tuple[Samples, str, pb.RewardAggregation | None]:
     """A ScoreRequest in the proto's JSON mapping (proto or lowerCamel field names), translated
-    as the gRPC servicer translates it: its samples and the version it pins ("" for none)."""
+    as the gRPC servicer translates it: its samples, the version it pins ("" for none) and the
+    aggregation it asks for (None: the server's)."""
     try:
         request = json_format.ParseDict(body, pb.ScoreRequest())
     except json_format.ParseError as e:
         raise InvalidArgument("request: " + " ".join(str(e).split())) from None
-    return [(s.id, to_domain(s)) for s in request.samples], request.version
+    asked = request.aggregation if request.HasField("aggregation") else None
+    return [(s.id, to_domain(s)) for s in request.samples], request.version, asked
 
 
 def score_response(results: Results) -> dict:

@@ -52,7 +52,7 @@ from rm_server.checkpoint import (
     resolve_model,
     weights_version,
 )
-from rm_server.heads import choose_aggregation, head_names, rewards_with_heads
+from rm_server.heads import heads_of, rewards_with_heads
 from rm_server.last_token import (
     FinalNorm,
     ScoredRowsMLP,
@@ -79,7 +79,7 @@ class RewardModel:
                  chat_template: str | None = None, trust_remote_code: bool = False,
                  revision: str | None = None, recipe: str | None = None,
                  reward_head: str | None = None, head_weights: str | None = None,
-                 weights_hash: str | None = None):
+                 reward_aggregation=(None, None), weights_hash: str | None = None):
         self.path = check_source(path, revision, tokenizer, trust_remote_code)
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -96,9 +96,8 @@ class RewardModel:
         # the pad id of the scored-position rule: None reads the last token (OpenRLHF)
         self.position_pad = self.pad_token_id if self.recipe.position == "last-non-pad" else None
         try:
-            self.heads = choose_aggregation(
-                head_names(self.config.id2label, self.model.config.num_labels),
-                reward_head, head_weights)
+            self.heads = heads_of(self.config, self.model.config.num_labels, reward_head,
+                                  head_weights, reward_aggregation)  # ensembles: config.json
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
         self.version = weights_hash or weights_version(self.path)  # known: not read again

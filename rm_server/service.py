@@ -25,6 +25,7 @@ from rm_server.admission import Admission, Caller, Input
 from rm_server.batch_policy import Pending, Scored
 from rm_server.batcher import Batcher
 from rm_server.errors import InvalidArgument, NotReady, NotResident
+from rm_server.heads import aggregate_one, head_stats
 from rm_server.sinks import StreamSink, UnarySink
 
 
@@ -80,14 +81,19 @@ def caller_peer(context) -> str:
 
 
 def result_message(results: list[tuple[Pending, Scored]]) -> pb.ScoreResponse:
-    """The results as protobuf: reward, every head's score (multi-head models), the version."""
+    """The results as protobuf: reward (the request's own aggregation of the heads when it
+    asked for one), every head's score with their mean and std (multi-head models), the
+    version."""
     out = []
     for p, r in results:
-        tag = r.version
-        out.append(pb.ScoreResult(id=p.sample_id, reward=r.reward, num_tokens=p.length,
+        tag, (mean, std) = r.version, head_stats(r.heads)
+        how = p.aggregation
+        reward = r.reward if how is None or not r.heads else aggregate_one(r.heads, how)
+        out.append(pb.ScoreResult(id=p.sample_id, reward=reward, num_tokens=p.length,
                                   truncated=p.truncated, head_scores=r.heads,
                                   version=tag.hash if tag else "",
-                                  version_label=tag.label if tag else ""))
+                                  version_label=tag.label if tag else "",
+                                  head_mean=mean, head_std=std))
     return pb.ScoreResponse(results=out)
 
 
@@ -130,11 +136,28 @@ class RewardServicer:
         return await self.admission.admit(samples, model.encoder, sink, caller, taken,
                                           self.batcher.max_queue, version, bool(pin))
 
+    def aggregation(self, asked: pb.RewardAggregation | None, pin: str = ""):
+        """A request's own aggregation of the heads (:meth:`heads.Aggregation.asked`), or
+        None for the server's."""
+        if asked is None or not asked.kind:
+            return None
+        version = self.resolve(pin)
+        model = version.model if version is not None else self.model
+        coef = asked.uncertainty_coef if asked.HasField("uncertainty_coef") else None
+        try:
+            return model.heads.asked(asked.kind, coef)
+        except ValueError as e:
+            raise InvalidArgument(f"aggregation.{e}") from None
+
     async def prepare(self, request: pb.ScoreRequest, sink, context,
                       taken: set[str]) -> list[Pending]:
-        """The request's samples as queue entries (:meth:`admit`)."""
+        """The request's samples as queue entries (:meth:`admit`), with its aggregation."""
         samples = [(s.id, to_domain(s)) for s in request.samples]
-        return await self.admit(samples, sink, caller_of(context), taken, request.version)
+        how = self.aggregation(request.aggregation, request.version)  # before any is queued
+        items = await self.admit(samples, sink, caller_of(context), taken, request.version)
+        for p in items:
+            p.aggregation = how
+        return items
 
     async def Score(self, raw: bytes, context) -> pb.ScoreResponse:
         """All of the request's results, in request order (as TEI and vLLM answer, and as a
@@ -209,7 +232,8 @@ def model_info(model, max_samples: int, server_version: str) -> pb.ModelInfo:
         scoring_path=model.scoring_path, num_parameters=model.num_parameters,
         server_version=server_version, recipe=recipe_message(model.recipe),
         recipe_reason=model.recipe_reason, head_names=model.heads.names,
-        reward_aggregation=model.heads.describe(),
+        reward_aggregation=model.heads.describe(), ensemble_members=model.heads.members,
+        uncertainty_coef=model.heads.coef,
         accepts_token_type_ids=bool(model.encoder.type_vocab_size))
 
 

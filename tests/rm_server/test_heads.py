@@ -87,7 +87,7 @@ def test_heads_reach_model_info_and_results(three_heads):
     assert reward == heads[0]
 
     class P:
-        sample_id, length, truncated = "a", 3, False
+        sample_id, length, truncated, aggregation = "a", 3, False, None
 
     msg = result_message([(P(), Scored(reward, heads))])
     assert list(msg.results[0].head_scores) == pytest.approx(list(heads))

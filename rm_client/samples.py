@@ -18,11 +18,13 @@ class ScoreResult:
     head_scores: tuple[float, ...] = ()  # a multi-head RM's heads (an ensemble's members)
     version: str = ""  # the model version that scored it: its weights hash (ModelInfo.version)
     version_label: str = ""  # that version's operator label; empty when it has none
+    head_mean: float = 0.0  # mean and std (1/K) of head_scores: an ensemble's members' mean
+    head_std: float = 0.0  # and disagreement (rm_client/ensemble.py); 0 for one head
 
     @classmethod
     def from_message(cls, r: pb.ScoreResult) -> ScoreResult:
         return cls(r.id, r.reward, r.num_tokens, r.truncated, tuple(r.head_scores), r.version,
-                   r.version_label)
+                   r.version_label, r.head_mean, r.head_std)
 
 
 def text_sample(sample_id: str, prompt: str, response: str) -> pb.Sample:

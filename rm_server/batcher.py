@@ -110,13 +110,13 @@ class Batcher:
         """Drop a call's queued samples (client cancelled, deadline passed, or the call already
         failed); samples of it already in a formed batch are skipped (:meth:`_still_wanted`)."""
         sink.cancelled = True
-        before = len(self.pending)
-        self.pending = [p for p in self.pending if p.sink is not sink]
-        dropped = before - len(self.pending)
-        if dropped:
-            self._count_rejected("cancelled", dropped)
+        gone = [p for p in self.pending if p.sink is sink]
+        if gone:
+            self.pending = [p for p in self.pending if p.sink is not sink]
+            _release(gone)
+            self._count_rejected("cancelled", len(gone))
             self._set_depth()
-        return dropped
+        return len(gone)
 
     # -- the loop ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -206,12 +206,13 @@ class Batcher:
         passes before this batch could finish (a lower bound on its model time, so that only
         work that cannot finish is refused): a result nobody can receive is not computed."""
         live = [p for p in batch if not p.dropped]
-        if not live:
-            return []
-        now = self.clock()
-        finish = now + self.model_time.lower_bound(len(live), max(p.length for p in live), now)
-        self._expire([p for p in live if p.deadline is not None and p.deadline <= finish])
-        return [p for p in live if not p.dropped]  # an expired sample ended its call
+        if live:
+            now = self.clock()
+            finish = now + self.model_time.lower_bound(len(live), max(p.length for p in live),
+                                                       now)
+            self._expire([p for p in live if p.deadline is not None and p.deadline <= finish])
+        _release([p for p in batch if p.dropped])  # an expired sample ended its call
+        return [p for p in batch if not p.dropped]
 
     async def _forward(self, batch: list[Pending]) -> list[Scored] | None:
         """The batch's results from the model thread; on a model fault its calls fail and
@@ -240,6 +241,7 @@ class Batcher:
         by_sink: dict[int, tuple[Sink, list]] = {}
         for p, r in zip(batch, scored):
             by_sink.setdefault(id(p.sink), (p.sink, []))[1].append((p, r))
+        _release(batch)
         for sink, results in by_sink.values():
             if not sink.cancelled:
                 sink.deliver(results)
@@ -266,6 +268,7 @@ class Batcher:
         """End a call with ``exc`` and drop its other queued samples: once a call has failed,
         nobody receives its other results (a unary call answers all or nothing; a stream ends
         at its first error)."""
+        _release(items)
         if not sink.cancelled:
             sink.fail(exc, items)
             self.cancel(sink)
@@ -279,6 +282,14 @@ class Batcher:
     def _count_rejected(self, reason: str, n: int) -> None:
         if self.metrics:
             self.metrics.rejected.labels(reason).inc(n)
+
+
+def _release(items: list[Pending]) -> None:
+    """Finished samples let go of their model version: a unary call's results and its sink
+    refer to each other (sink -> results -> Pending -> sink), a cycle that only a full garbage
+    collection frees, and an unloaded version's memory would wait for it."""
+    for p in items:
+        p.version = None
 
 
 def _by_sink(items: list[Pending]) -> dict[Sink, list[Pending]]:

@@ -16,6 +16,7 @@ and skip the rest:
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -68,15 +69,25 @@ class ScoredRowsMLP:
     Installed over the MLP's ``forward`` (weights and state-dict keys untouched). Outside
     :meth:`rows` it is the plain MLP. Inside, it gathers row ``index[b]`` of every sequence,
     runs the MLP on those B rows and returns zeros elsewhere (those outputs feed nothing);
-    ``index=None`` (a shared prefix, whose last-layer output is never read) skips it.
+    ``index=None`` (a shared prefix, whose last-layer output is never read) skips it. It holds
+    the MLP weakly: the MLP holds it (its ``forward``), and a reference cycle would keep the
+    MLP's weights alive after the model is dropped (an unloaded version) until a full garbage
+    collection.
     """
 
     _ALL = object()
 
     def __init__(self, mlp: nn.Module):
-        self.mlp_forward = mlp.forward
+        original = mlp.forward
+        if getattr(original, "__self__", None) is mlp:  # a bound method: keep its function
+            self._mlp, self._forward = weakref.ref(mlp), original.__func__
+        else:  # a forward already replaced on the instance: call it as it is
+            self._mlp, self._forward = None, original
         self.index = self._ALL
         mlp.forward = self.forward
+
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(self._mlp(), x) if self._mlp is not None else self._forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.index is self._ALL:

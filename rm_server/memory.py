@@ -10,15 +10,16 @@ memory, and a load that cannot fit is refused instead:
 - :func:`free_bytes`: on CUDA what ``torch.cuda.mem_get_info`` reports free; on the CPU the
   least of ``MemAvailable`` and the cgroup's limit less its usage (a container's limit, which
   ``MemAvailable`` does not see); None when nothing can be read (no check then);
-- :func:`release`: after a version is dropped, a garbage collection, CUDA's cached blocks
-  back to the driver, and glibc's free heap pages back to the kernel (``malloc_trim``: freed
-  tensors otherwise stay in the process's RSS, and ten swaps would look like ten models).
+- :func:`release`: once a dropped version's model is freed (by reference counting: a full
+  garbage collection holds the GIL for a quarter of a second with transformers loaded, a
+  stall of every batch), CUDA's cached blocks back to the driver and glibc's free heap pages
+  back to the kernel (``malloc_trim``, about a millisecond: freed tensors otherwise stay in
+  the process's RSS).
 """
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import math
 import struct
@@ -88,8 +89,7 @@ def _cgroup_room() -> int | None:
 
 
 def release() -> None:
-    """Return freed model memory: collect cycles, empty CUDA's cache, trim the C heap."""
-    gc.collect()
+    """Return freed model memory to the driver (CUDA's cache) and the kernel (the C heap)."""
     try:
         import torch
 

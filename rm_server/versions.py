@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import logging
 import time
 import weakref
@@ -203,8 +204,11 @@ class Versions:
                 unloaded = self._evict(max(self.max_resident, 2) - 1)
                 if self.default is not None:
                     await self._check_room(path, source)
-                model = await loop.run_in_executor(self._thread, self.loader.load, source,
-                                                   digest)
+                box: list = []  # not the future's result: asyncio's future chain is a
+                # reference cycle, which would keep the model alive after its unload
+                await loop.run_in_executor(self._thread, lambda: box.append(
+                    self.loader.load(source, digest)))
+                model = box.pop()
             except BaseException as e:
                 self._count_load("failed")
                 if unloaded:
@@ -295,10 +299,10 @@ class Versions:
         async def release():
             loop = asyncio.get_running_loop()
             for tick in range(600):  # up to a minute: queued samples drain long before
-                if model_ref() is None:
+                if model_ref() is None:  # freed by reference counting, as models are
                     break
-                if tick % 10 == 9:  # a model in a reference cycle waits for a collection
-                    await loop.run_in_executor(self._thread, memory.release)
+                if tick % 50 == 49:  # still alive: a reference cycle needs a collection,
+                    await loop.run_in_executor(self._thread, gc.collect)  # (GIL-bound: rare)
                 await asyncio.sleep(0.1)
             await loop.run_in_executor(self._thread, memory.release)
 

@@ -105,25 +105,8 @@ def run(cfg: DemoConfig) -> int:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     world, sft, rm, ppo, ppo0 = (out / n for n in ("world", "sft", "rm", "ppo", "ppo_beta0"))
-    quick = ["--quick"] if cfg.quick else []
     st = Stage()
-    threads = str(cfg.threads)
-    if not (world / "world.json").exists():
-        st.run("world", [PY, "-m", "demo.build", "--out", str(world), "--seed", str(cfg.seed),
-                         "--threads", threads, *quick])
-    if not (sft / "config.json").exists():
-        st.run("sft", [PY, "-m", "policy_trainer.cli", "sft", "--data", str(world / "demos.jsonl"),
-                       "--base", str(world / "base"), "--out", str(sft), "--lr", "1e-3",
-                       "--epochs", "1" if cfg.quick else "2", "--micro-batch-size", "32",
-                       "--warmup-ratio", "0.05", "--eval-every", "1000000", "--checkpoint-every",
-                       "1000000", "--torch-threads", threads, "--seed", str(cfg.seed)])
-    if not (rm / "config.json").exists():
-        st.run("rm-train", [PY, "-m", "rm_server.cli", "train",
-                            "--data", str(world / "prefs.jsonl"), "--base", str(sft),
-                            "--out", str(rm), "--lr", "1e-3", "--epochs", "1" if cfg.quick else "2",
-                            "--batch-size", "32", "--eval-fraction", "0.1",
-                            "--save-every", "1000000", "--threads", threads,
-                            "--seed", str(cfg.seed)])
+    first_stages(cfg, st, out)
     server = start_rm_server(rm, out, cfg.threads)
     try:
         runs = [("ppo", ppo, cfg.kl_coef, cfg.ppo_steps)]
@@ -152,6 +135,33 @@ def run(cfg: DemoConfig) -> int:
     pngs = (", ppo_curves.png" + (", overoptimization.png" if cfg.overopt else "")) * plotted
     print(f"\nartifacts in {out}/ (summary.json{pngs}); total {summary['total_seconds']:.0f}s")
     return 0
+
+
+def first_stages(cfg: DemoConfig, st: Stage, out: Path, *build_args: str) -> None:
+    """1-3: the world, SFT and the reward model into ``out`` (each skipped when its output is
+    there: a rerun, or demo.ensemble reusing a demo run's folder)."""
+    world, sft, rm = out / "world", out / "sft", out / "rm"
+    quick = ["--quick"] if cfg.quick else []
+    threads = str(cfg.threads)
+    if not (world / "world.json").exists():
+        st.run("world", [PY, "-m", "demo.build", "--out", str(world), "--seed", str(cfg.seed),
+                         "--threads", threads, *quick, *build_args])
+    if not (sft / "config.json").exists():
+        st.run("sft", [PY, "-m", "policy_trainer.cli", "sft", "--data", str(world / "demos.jsonl"),
+                       "--base", str(world / "base"), "--out", str(sft), "--lr", "1e-3",
+                       "--epochs", "1" if cfg.quick else "2", "--micro-batch-size", "32",
+                       "--warmup-ratio", "0.05", "--eval-every", "1000000", "--checkpoint-every",
+                       "1000000", "--torch-threads", threads, "--seed", str(cfg.seed)])
+    if not (rm / "config.json").exists():
+        st.run("rm-train", rm_train_command(cfg, world, sft, rm))
+
+
+def rm_train_command(cfg, world: Path, sft: Path, out: Path, *extra: str) -> list[str]:
+    return [PY, "-m", "rm_server.cli", "train", "--data", str(world / "prefs.jsonl"),
+            "--base", str(sft), "--out", str(out), "--lr", "1e-3",
+            "--epochs", "1" if cfg.quick else "2", "--batch-size", "32", "--eval-fraction", "0.1",
+            "--save-every", "1000000", "--threads", str(cfg.threads), "--seed", str(cfg.seed),
+            *extra]
 
 
 def ppo_command(cfg, world, sft, address, out, beta, steps) -> list[str]:

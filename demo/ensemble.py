@@ -1,0 +1,144 @@
+"""``python -m demo.ensemble``: does an ensemble of reward models hold over-optimization off?
+
+    python -m demo.ensemble --out out/ensemble --seeds 0 1 2 [--members 5] [--quick]
+
+In the demo world (demo/build.py: a hidden gold reward, a simulated Bradley-Terry labeler), for
+each seed, with the demo's own stages (demo/run.py; a folder a demo run left is reused):
+
+1. world, SFT and the single reward model, as ``make demo`` builds them;
+2. an ensemble of ``--members`` heads on one backbone (``rm-server train --ensemble K``), from
+   the same SFT model on the same preferences with the same settings;
+3. both served (``rm-server serve``, one process each);
+4. PPO from the SFT policy, same seed and steps, with β = 0 and with the demo's β, against the
+   single RM, and against the ensemble with worst-case (``--reward-aggregation min``) and
+   uncertainty-weighted rewards (``uwo``: mean − λ·std, Coste et al. 2023); at β = 0 also the
+   ensemble's plain mean, to tell the members' averaging from the uncertainty penalty;
+5. every final policy judged by the gold reward on held-out prompts; gold, KL and the members'
+   spread over the steps from the logged rollouts; figures over the seeds against the bar.
+
+Writes OUT/ensemble.json (every figure), OUT/ensemble.png (gold against KL per run) and prints
+the table (demo/ensemble_report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tyro
+
+from demo.run import DemoConfig, Stage, first_stages, ppo_command, rm_train_command
+
+# (run name, served by, --reward-aggregation, at β = 0?); the single RM's runs are the demo's.
+ARMS = (("ppo_beta0", "rm", None, True), ("ens_mean_beta0", "ens", "mean", True),
+        ("ens_min_beta0", "ens", "min", True), ("ens_uwo_beta0", "ens", "uwo", True),
+        ("ppo", "rm", None, False), ("ens_min", "ens", "min", False),
+        ("ens_uwo", "ens", "uwo", False))
+
+
+@dataclass
+class EnsembleDemoConfig:
+    out: str = "out/ensemble"
+    """Output folder: seed-N/ per seed (a demo run's folder: reused where its stages are done),
+    ensemble.json and ensemble.png."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds: of the world, every training run and the evaluation."""
+    members: int = 5
+    """Ensemble members (heads on one backbone)."""
+    uncertainty_coef: float = 1.0
+    """λ of uwo = mean − λ·std."""
+    kl_coef: float = 0.05
+    """β of the leashed runs (the demo's)."""
+    steps: int = 24
+    """PPO steps of every run (the demo's)."""
+    eval_samples: int = 256
+    """Held-out samples per final policy for the gold evaluation."""
+    threads: int = 2
+    """torch threads for every stage."""
+    quick: bool = False
+    """A shortened run for tests: the demo's quick world, 2 PPO steps, few samples."""
+
+
+def main(argv=None) -> int:
+    cfg = tyro.cli(EnsembleDemoConfig, args=argv, prog="python -m demo.ensemble",
+                   description=__doc__.split("\n")[0])
+    return run(cfg)
+
+
+def run(cfg: EnsembleDemoConfig) -> int:
+    import torch
+
+    from demo import ensemble_report
+
+    torch.set_num_threads(cfg.threads)  # the evaluation runs here (2 threads on 2 busy cores
+    # ran PPO's tiny model 50x slower than 1 here)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    st = Stage()
+    results = {}
+    for seed in cfg.seeds:
+        t0 = time.perf_counter()
+        results[seed] = one_seed(cfg, seed, out / f"seed-{seed}", st)
+        results[seed]["seconds"] = time.perf_counter() - t0  # what was not there already
+    summary = ensemble_report.summarize(results, [a[0] for a in ARMS])
+    summary["config"] = asdict(cfg)
+    summary["stage_seconds"] = st.times
+    summary["total_seconds"] = time.perf_counter() - st.t0
+    (out / "ensemble.json").write_text(json.dumps(summary, indent=1) + "\n")
+    ensemble_report.print_summary(summary)
+    plotted = ensemble_report.plot(summary, out / "ensemble.png")
+    print(f"\nwrote {out}/ensemble.json{', ensemble.png' if plotted else ''}; "
+          f"total {summary['total_seconds']:.0f}s")
+    return 0
+
+
+def one_seed(cfg: EnsembleDemoConfig, seed: int, root: Path, st: Stage) -> dict:
+    """Steps 1-5 for one seed; {run name: its figures}."""
+    from demo.ensemble_report import run_figures
+    from rm_server.launch import start_server
+
+    demo = DemoConfig(out=str(root), seed=seed, quick=cfg.quick, kl_coef=cfg.kl_coef,
+                      ppo_steps=cfg.steps, overopt_steps=cfg.steps,
+                      eval_samples=cfg.eval_samples, threads=cfg.threads)
+    root.mkdir(parents=True, exist_ok=True)
+    # 1. world, SFT, the single RM; the base pretrains all its steps however busy the machine
+    # (demo.build stops at a time budget), so that every seed's world is built alike
+    first_stages(demo, st, root, "--max-seconds", "1e9")
+    world, sft, ens = root / "world", root / "sft", root / "rm_ensemble"
+    if not (ens / "config.json").exists():  # 2. the ensemble, trained as the single RM was
+        st.run(f"seed {seed} rm-ensemble", rm_train_command(
+            demo, world, sft, ens, "--ensemble", str(cfg.members),
+            "--uncertainty-coef", str(cfg.uncertainty_coef)))
+    servers = {}
+    try:  # 3. both served
+        for key, model in (("rm", root / "rm"), ("ens", ens)):
+            servers[key] = start_server(model, "--num-threads", str(max(1, cfg.threads // 2)),
+                                        "--max-batch-size", "64", "--model-name", key)
+        for name, served_by, aggregation, beta0 in ARMS:  # 4. PPO
+            path = root / name
+            if (path / "config.json").exists():
+                continue
+            extra = [] if aggregation is None else [
+                "--reward-aggregation", aggregation, "--uncertainty-coef",
+                str(cfg.uncertainty_coef)]
+            st.run(f"seed {seed} {name}", ppo_command(
+                demo, world, sft, servers[served_by].address, path,
+                0.0 if beta0 else cfg.kl_coef, cfg.steps) + extra)
+    finally:
+        for server in servers.values():
+            server.stop()
+    ens_eval = json.loads((ens / "eval.json").read_text()).get("ensemble", {})
+    figures = {"runs": {name: run_figures(root / name, world, cfg.eval_samples, seed)
+                        for name, *_ in ARMS},  # 5. gold
+               "rm_accuracy": json.loads((root / "rm" / "eval.json").read_text())["accuracy"],
+               "ensemble": ens_eval}
+    print(f"seed {seed}: " + ", ".join(f"{n} {r['final_gold']:+.3f}"
+                                       for n, r in figures["runs"].items()), flush=True)
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(main())

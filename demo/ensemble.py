@@ -11,8 +11,10 @@ each seed, with the demo's own stages (demo/run.py; a folder a demo run left is 
 3. both served (``rm-server serve``, one process each);
 4. PPO from the SFT policy, same seed and steps, with β = 0 and with the demo's β, against the
    single RM, and against the ensemble with worst-case (``--reward-aggregation min``) and
-   uncertainty-weighted rewards (``uwo``: mean − λ·std, Coste et al. 2023); at β = 0 also the
-   ensemble's plain mean, to tell the members' averaging from the uncertainty penalty;
+   uncertainty-weighted rewards (``uwo``: mean − λ·std, Coste et al. 2023); at β = 0 also:
+   the ensemble's plain mean and uwo with a large λ (``--strong-uncertainty-coef``), to tell
+   the members' averaging from the uncertainty penalty, and a single RM trained with the
+   ensemble's centering (``--center-coef 0.01``), to tell either from the centering;
 5. every final policy judged by the gold reward on held-out prompts; gold, KL and the members'
    spread over the steps from the logged rollouts; figures over the seeds against the bar.
 
@@ -32,11 +34,14 @@ import tyro
 
 from demo.run import DemoConfig, Stage, first_stages, ppo_command, rm_train_command
 
-# (run name, served by, --reward-aggregation, at β = 0?); the single RM's runs are the demo's.
-ARMS = (("ppo_beta0", "rm", None, True), ("ens_mean_beta0", "ens", "mean", True),
-        ("ens_min_beta0", "ens", "min", True), ("ens_uwo_beta0", "ens", "uwo", True),
-        ("ppo", "rm", None, False), ("ens_min", "ens", "min", False),
-        ("ens_uwo", "ens", "uwo", False))
+# (run name, served by, --reward-aggregation, at β = 0?, λ: "uwo" or "strong");
+# the single RM's runs ("ppo_beta0", "ppo") are the demo's own.
+ARMS = (("ppo_beta0", "rm", None, True, None), ("ens_mean_beta0", "ens", "mean", True, None),
+        ("ens_min_beta0", "ens", "min", True, None), ("ens_uwo_beta0", "ens", "uwo", True, "uwo"),
+        ("ens_uwo_strong_beta0", "ens", "uwo", True, "strong"),
+        ("centered_beta0", "centered", None, True, None),
+        ("ppo", "rm", None, False, None), ("ens_min", "ens", "min", False, None),
+        ("ens_uwo", "ens", "uwo", False, "uwo"))
 
 
 @dataclass
@@ -50,6 +55,9 @@ class EnsembleDemoConfig:
     """Ensemble members (heads on one backbone)."""
     uncertainty_coef: float = 1.0
     """λ of uwo = mean − λ·std."""
+    strong_uncertainty_coef: float = 10.0
+    """λ of the second uwo run at β = 0 (the members' std is small here: λ = 1 barely moves
+    the reward)."""
     kl_coef: float = 0.05
     """β of the leashed runs (the demo's)."""
     steps: int = 24
@@ -112,18 +120,22 @@ def one_seed(cfg: EnsembleDemoConfig, seed: int, root: Path, st: Stage) -> dict:
         st.run(f"seed {seed} rm-ensemble", rm_train_command(
             demo, world, sft, ens, "--ensemble", str(cfg.members),
             "--uncertainty-coef", str(cfg.uncertainty_coef)))
+    centered = root / "rm_centered"  # the control: one head, the ensemble's centering
+    if not (centered / "config.json").exists():
+        st.run(f"seed {seed} rm-centered", rm_train_command(demo, world, sft, centered,
+                                                            "--center-coef", "0.01"))
     servers = {}
-    try:  # 3. both served
-        for key, model in (("rm", root / "rm"), ("ens", ens)):
+    coefs = {"uwo": cfg.uncertainty_coef, "strong": cfg.strong_uncertainty_coef}
+    try:  # 3. all served
+        for key, model in (("rm", root / "rm"), ("ens", ens), ("centered", centered)):
             servers[key] = start_server(model, "--num-threads", str(max(1, cfg.threads // 2)),
                                         "--max-batch-size", "64", "--model-name", key)
-        for name, served_by, aggregation, beta0 in ARMS:  # 4. PPO
+        for name, served_by, aggregation, beta0, coef in ARMS:  # 4. PPO
             path = root / name
             if (path / "config.json").exists():
                 continue
-            extra = [] if aggregation is None else [
-                "--reward-aggregation", aggregation, "--uncertainty-coef",
-                str(cfg.uncertainty_coef)]
+            extra = [] if aggregation is None else ["--reward-aggregation", aggregation]
+            extra += [] if coef is None else ["--uncertainty-coef", str(coefs[coef])]
             st.run(f"seed {seed} {name}", ppo_command(
                 demo, world, sft, servers[served_by].address, path,
                 0.0 if beta0 else cfg.kl_coef, cfg.steps) + extra)

@@ -26,7 +26,19 @@ from demo.evaluate import evaluate_policy, read_prompts
 
 WINDOW = 3
 SINGLE = {"ppo_beta0": True, "ppo": False}  # the single RM's runs: β = 0?
-CHALLENGERS = ("ens_min_beta0", "ens_uwo_beta0")  # the bar is theirs
+CHALLENGERS = ("ens_min_beta0", "ens_uwo_beta0", "ens_uwo_strong_beta0")  # the bar is theirs
+STYLE = {"ppo": ("single RM", "black"), "mean": ("ensemble, mean", "tab:green"),
+         "min": ("ensemble, min", "tab:blue"), "uwo": ("ensemble, uwo", "tab:red"),
+         "uwo_strong": ("ensemble, uwo, large λ", "tab:purple"),
+         "centered": ("single RM, centered", "tab:gray")}
+
+
+def style(name: str) -> tuple[str, str]:
+    """(label, color) of a run name."""
+    if name in SINGLE:
+        return STYLE["ppo"]
+    key = name.removesuffix("_beta0").removeprefix("ens_")
+    return STYLE[key]
 
 
 def run_figures(run: Path, world: Path, eval_samples: int, seed: int) -> dict:
@@ -129,14 +141,14 @@ def print_summary(s: dict) -> None:
     print("\n" + "=" * 100)
     print(f"PPO against one RM vs an ensemble, {n} seed(s) {s['seeds']}: final gold on held-out "
           f"prompts (mean over seeds ± SE over seeds); seed-mean curve of the logged rollouts")
-    print(f"{'run':<16}{'final gold':>18}{'vs single (z unpaired/paired)':>32}"
+    print(f"{'run':<22}{'final gold':>18}{'vs single (z unpaired/paired)':>32}"
           f"{'peak (KL)':>16}{'end (KL)':>16}{'fall/SE':>9}{'spread':>8}")
     for name, a in s["arms"].items():
         vs = a.get("vs_single")
         vs_text = (f"{vs['diff']:+.3f} ({vs['z_unpaired']:.1f}/{vs['z_paired']:.1f})"
                    if vs else "")
         spread = a["curve"][-1]["member_std"]
-        print(f"{name:<16}{a['final_gold']:>+11.3f} ± {a['final_gold_se']:.3f}{vs_text:>32}"
+        print(f"{name:<22}{a['final_gold']:>+11.3f} ± {a['final_gold_se']:.3f}{vs_text:>32}"
               f"{a['peak_gold']:>+9.2f} ({a['peak_kl']:4.1f}){a['end_gold']:>+9.2f} "
               f"({a['end_kl']:4.1f}){a['fall_in_se']:>9.1f}"
               f"{'' if spread is None else f'{spread:.3f}':>8}")
@@ -164,16 +176,14 @@ def plot(s: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"ppo": "black", "mean": "tab:green", "min": "tab:blue", "uwo": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     for name, a in s["arms"].items():
         ax = axes[0] if name.endswith("beta0") else axes[1]
-        kind = "ppo" if name in SINGLE else name.split("_")[1]
-        label = "single RM" if kind == "ppo" else f"ensemble, {kind}"
+        label, color = style(name)
         c = a["curve"]
         ax.errorbar([p["kl"] for p in c], [p["gold"] for p in c], [p["gold_se"] for p in c],
-                    marker="o", ms=3, capsize=2, color=colors[kind], label=f"{label} (gold)")
-        ax.plot([p["kl"] for p in c], [p["score"] for p in c], ":", color=colors[kind],
+                    marker="o", ms=3, capsize=2, color=color, label=f"{label} (gold)")
+        ax.plot([p["kl"] for p in c], [p["score"] for p in c], ":", color=color,
                 alpha=0.6, label=f"{label} (optimized score)")
     axes[0].set(title="β = 0", xlabel="KL(policy || SFT), nats", ylabel="reward")
     axes[1].set(title="the demo's β", xlabel="KL(policy || SFT), nats")

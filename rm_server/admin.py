@@ -12,6 +12,14 @@ Served only with ``--admin-token-file``, and only to callers presenting that tok
 (``authorization: Bearer``; the interceptor and the HTTP door's middleware check it): the
 scoring token of ``--auth-token-file`` does not open it. Without the flag gRPC answers
 UNIMPLEMENTED (the service is not registered) and HTTP 404 naming the flag.
+
+Why explicit calls and not a watched model repository (Triton's ``--model-control-mode=poll``
+over ``DIR/<version>/``): a poller sees a checkpoint while it is still being copied (Triton's
+docs warn of exactly that) and has nobody to tell when a load fails, while the caller of
+``LoadVersion`` gets the one-line error and the default it still serves; a rollback is an
+intent (make v7 the default), not a directory change; and with several replicas the operator
+decides when each one switches. A repository layout on a shared volume works with the calls
+as they are: ``LoadVersion(path="/models/v8")`` (docs/deploying.md, section 11).
 """
 
 from __future__ import annotations

@@ -191,6 +191,9 @@ class Versions:
                    revision: str | None = None) -> Change:
         """Load ``path`` beside the serving versions; the new default if ``make_default`` (or
         if there is none yet). Weights already resident load nothing."""
+        if not make_default and self.default is not None and self.max_resident < 2:
+            raise LoadFailed(f"load {path}: --max-versions 1 keeps the default only, so a "
+                             "version that is not made the default would be unloaded at once")
         async with self._loads:
             loop = asyncio.get_running_loop()
             start = time.perf_counter()

@@ -122,6 +122,14 @@ def test_a_load_never_holds_more_than_max_resident_models():
     held, resident = run(main())
     assert max(held) == 2 and resident == ["hash-d"]
 
+    async def canary():
+        v = Versions(FakeLoader(), max_resident=1)
+        await v.load("a")
+        with pytest.raises(LoadFailed, match="--max-versions 1 keeps the default only"):
+            await v.load("b", make_default=False)
+
+    run(canary())
+
 
 def test_a_broken_checkpoint_leaves_the_default_and_says_why_in_one_line():
     async def main():

@@ -114,6 +114,21 @@ class PPOConfig(ScaleConfig):
     server's reward, its own default aggregation (ModelInfo.reward_aggregation)."""
     uncertainty_coef: float = 1.0
     """λ of --reward-aggregation uwo (mean − λ·std over the members)."""
+    feedback_url: str | None = None
+    """The feedback service (feedback-server serve), e.g. http://127.0.0.1:50055: send it pairs of
+    this run's responses to label (feedback_tap.py). Default: off. Never blocks a step: pairs it
+    cannot take are counted (feedback_* in the step log) and dropped."""
+    feedback_token_file: str | None = None
+    """File holding the feedback service's bearer token (its --auth-token-file)."""
+    feedback_fraction: float = 0.1
+    """Fraction of each step's prompts that get a second response, making a candidate pair."""
+    feedback_budget: int = 4
+    """Pairs sent per step at most: the candidates the RM is least sure of (smallest reward
+    margin; an ensemble's members' disagreement on the order)."""
+    feedback_timeout: float = 2.0
+    """Seconds per call to the feedback service (on the sender's thread, never the step's)."""
+    feedback_buffer: int = 1000
+    """Pairs held locally while the service is slow; beyond it pairs are dropped (counted)."""
     normalize_reward: bool = False
     """(score - mean) / std with the server's reward statistics (ModelInfo) before penalties and
     clipping."""
@@ -205,6 +220,10 @@ class PPOConfig(ScaleConfig):
             raise UserError("--kl-coef must be >= 0; --kl-target and --kl-horizon > 0")
         if self.uncertainty_coef < 0:
             raise UserError("--uncertainty-coef must be >= 0")
+        if not 0.0 <= self.feedback_fraction <= 1.0 or self.feedback_budget < 0:
+            raise UserError("--feedback-fraction must be in [0, 1], --feedback-budget >= 0")
+        if self.feedback_timeout <= 0 or self.feedback_buffer < 1:
+            raise UserError("--feedback-timeout must be > 0, --feedback-buffer >= 1")
         if self.reward_clip is not None and self.reward_clip <= 0:
             raise UserError("--reward-clip must be > 0")
         if not 0.0 <= self.max_failed_fraction <= 1.0:

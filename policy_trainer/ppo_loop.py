@@ -47,6 +47,7 @@ from policy_trainer.data import batch_indices
 from policy_trainer.device import pick_device
 from policy_trainer.errors import UserError
 from policy_trainer.experience import generate_and_score, member_sums, rollout_texts
+from policy_trainer.feedback_tap import FeedbackTap
 from policy_trainer.metrics import PHASES, PhaseTimer, PPOMetrics
 from policy_trainer.ppo_config import PPOConfig
 from policy_trainer.ppo_setup import (
@@ -67,14 +68,17 @@ __all__ = ["PPOConfig", "train_ppo"]
 log = logging.getLogger("policy_trainer.ppo")
 
 
-def train_ppo(cfg: PPOConfig) -> int:
+def train_ppo(cfg: PPOConfig, on_step=None) -> int:
+    """The ``policy-trainer ppo`` command. ``on_step(step, tap)``, if given, runs after each
+    step (its checkpoint written): the live loop's refresh (loop.py); ``tap`` is the run's
+    FeedbackTap, or None."""
     cfg.validate()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     run = Run(cfg, pick_device(cfg.device, cfg.torch_threads))
     closers: list = []  # what the run opened, closed in reverse whatever happens
     try:
-        return train(cfg, run, closers)
+        return train(cfg, run, closers, on_step)
     except RMError as e:
         print(f"policy-trainer ppo: error: {e}", file=sys.stderr)
         return 1
@@ -84,7 +88,7 @@ def train_ppo(cfg: PPOConfig) -> int:
         run.close()
 
 
-def train(cfg: PPOConfig, run: Run, closers: list) -> int:
+def train(cfg: PPOConfig, run: Run, closers: list, on_step=None) -> int:
     dist, device = run.dist, run.device
     local_batch_size, local_mini_batch_size = cfg.local_sizes(dist.world_size)
     out = Path(cfg.out)
@@ -125,6 +129,10 @@ def train(cfg: PPOConfig, run: Run, closers: list) -> int:
                         "prompts": len(prompts.ids), "world_size": dist.world_size,
                         "rm_input": rm_input, "rm_version": cfg.rm_version})
         rm_versions = RMVersionLog(metrics.registry)  # rank 0's rewards
+    tap = None  # pairs of rank 0's responses to the feedback service (--feedback-url)
+    if cfg.feedback_url and dist.is_main:
+        tap = FeedbackTap(cfg, metrics.registry)
+        closers.append(tap.close)
 
     def save(step: int) -> None:
         state = checkpoint.trainer_state(step, stateful, cursor=cursor,
@@ -156,6 +164,9 @@ def train(cfg: PPOConfig, run: Run, closers: list) -> int:
             raise RMError(f"step {step + 1}: {int(counts['failed_samples'])} of "
                           f"{int(counts['rollouts'])} rollouts failed to score "
                           f"(> --max-failed-fraction {cfg.max_failed_fraction})")
+        # 3b. the live loop: pairs of the policy's own responses for labeling (never blocks)
+        feedback = {} if tap is None else tap.step(step + 1, rollouts, scores, scored, models,
+                                                   prompts, scorer, rm_input, device)
 
         # 4-6. rewards with the KL penalty, GAE, advantages whitened over every rank's batch
         kl_coef, lr = kl_ctl.value, schedulers[0].get_last_lr()[0]
@@ -184,7 +195,7 @@ def train(cfg: PPOConfig, run: Run, closers: list) -> int:
         if dist.is_main:
             for event in rm_versions.observe(step, scored.results.values()):
                 step_log.write(event)  # the RM's default changed under the run
-            step_log.write({**record, "rm_versions": rm_versions.counts})
+            step_log.write({**record, **feedback, "rm_versions": rm_versions.counts})
             step_log.write_rollouts(rollout_texts(rollouts, scores, step, cfg.log_rollouts,
                                                   models, prompts, scored.versions()))
             metrics.observe(record, scored.latencies, record["rm_retries"] - retries_seen)
@@ -195,6 +206,8 @@ def train(cfg: PPOConfig, run: Run, closers: list) -> int:
                 log_step(record, total_steps)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save(step)
+        if on_step is not None:
+            on_step(step, tap)
     bar.close()
 
     # the final checkpoint and model

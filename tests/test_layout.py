@@ -13,8 +13,9 @@ import counts, at module level or inside a function, relative or absolute, plus
 - ``protos`` (the contract) and ``kernels`` (pure tensor math) import nothing of ours;
 - ``feedback`` (the feedback service) talks to the others through contracts: it may import
   ``protos`` and ``rm_client``, never ``rm_server`` or ``policy_trainer``; the others import
-  only its client surface (``feedback.client``, ``feedback.sender`` and the records and errors
-  they use), which imports nothing but the standard library and itself;
+  only its client surface (``feedback.client``, ``feedback.sender``, the records and errors
+  they use, and ``feedback.export``'s judgment → preference record), which imports nothing
+  but the standard library and itself;
 - no product package imports ``demo``, ``bench`` or ``tests`` (not installed);
 - no cycle between our packages;
 - no product file over 350 lines (generated gRPC stubs excepted).
@@ -42,7 +43,8 @@ ALLOWED = {
     "feedback": {"protos", "rm_client"},
 }
 # What other packages may import of feedback: the client and what it is made of.
-FEEDBACK_CLIENT = {"feedback.client", "feedback.sender", "feedback.pairs", "feedback.errors"}
+FEEDBACK_CLIENT = {"feedback.client", "feedback.sender", "feedback.pairs", "feedback.errors",
+                   "feedback.export"}
 MAX_LINES = 350
 GENERATED = re.compile(r"_pb2(_grpc)?\.pyi?$")
 # A module path of the training side or the client, as a string (import_module, entry points).

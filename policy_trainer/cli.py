@@ -5,6 +5,8 @@
     policy-trainer rm-eval --model DIR --data prefs.jsonl ...            (also: rm-server eval)
     policy-trainer ppo     --policy DIR --rm HOST:PORT[,HOST:PORT...] --prompts prompts.jsonl \
                            --out DIR ...
+    policy-trainer refresh --feedback-url URL --current RM_DIR --out DIR --rm-admin HOST:PORT ...
+    policy-trainer loop    (ppo's flags) --feedback-url URL --rm-model RM_DIR --refresh-every N
 
 Each subcommand's flags come from its config dataclass through ``tyro`` (one flag per field,
 the field's docstring as its help); ``--config FILE`` (YAML or JSON, keys as the field names)
@@ -34,6 +36,10 @@ COMMANDS = {
                 "evaluate a reward model on preference pairs"),
     "ppo": ("policy_trainer.ppo_loop", "PPOConfig", "train_ppo",
             "PPO against a reward model served over gRPC"),
+    "refresh": ("policy_trainer.refresh", "RefreshConfig", "refresh",
+                "fresh judgments -> a candidate RM, promoted into the server if as good"),
+    "loop": ("policy_trainer.loop", "LoopConfig", "run_loop",
+             "PPO with pairs to the feedback service and an RM refresh every N steps"),
 }
 # The reward-model commands also report a ValueError in one line, as `rm-server train` always
 # has: transformers raises it for a checkpoint it cannot read (an unknown model type, say).

@@ -1,0 +1,82 @@
+"""demo.loop (issue 20): the report's pieces on synthetic runs (fast): gold-ordered same-prompt
+pairs of a segment, the per-seed bar (≥ 2 SE of the difference, ≤ 5% labels); and the shortened
+proof end to end (slow): the demo's quick world, frozen and loop arms, a refresh between steps,
+the simulated labeler answering through the labeling API."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from demo import loop_report
+from demo import world as gold_world
+from demo.loop import LoopDemoConfig, arms
+
+GOOD, BAD = " is really great.", " is great great great wonderful great great"
+
+
+def test_segment_pairs_are_same_prompt_pairs_ordered_by_gold(tmp_path):
+    rows = [{"step": 1, "prompt": "overall the story", "response": GOOD},
+            {"step": 2, "prompt": "overall the story", "response": BAD},
+            {"step": 2, "prompt": "the plot", "response": GOOD},  # alone: no pair
+            {"step": 3, "prompt": "overall the story", "response": BAD},  # another segment
+            {"step": 1, "prompt": "the acting", "response": GOOD},
+            {"step": 2, "prompt": "the acting", "response": GOOD}]  # same text: no pair
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = loop_report.segment_pairs(path, 1, 2)
+    assert gold_world.gold("overall the story", GOOD) > gold_world.gold("overall the story", BAD)
+    assert pairs == [{"prompt": "overall the story", "chosen": GOOD, "rejected": BAD}]
+
+
+def run(final: float, se: float, fraction: float | None = None) -> dict:
+    out = {"final_gold": final, "final_gold_se": se, "gold_accuracy": [],
+           "curve": [{"step": s, "kl": s / 2, "score": s / 10, "gold": final, "gold_se": se}
+                     for s in (3, 4, 5)]}
+    if fraction is not None:
+        out["labels"] = {"fraction": fraction, "judgments": 1, "rollouts": 1}
+    return out
+
+
+def test_the_bar_is_per_seed_two_standard_errors_with_few_labels():
+    names = arms(LoopDemoConfig())
+    assert [a[0] for a in names] == ["frozen_beta0", "loop_beta0"]
+    results = {s: {"runs": {"frozen_beta0": run(0.2, 0.06), "loop_beta0": run(0.6, 0.08, 0.047)}}
+               for s in (0, 1, 2)}
+    s = loop_report.summarize(results, names)
+    row = s["by_seed"][0]["loop_beta0"]
+    assert row["diff"] == pytest.approx(0.4) and row["se"] == pytest.approx(0.1)
+    assert row["z"] == pytest.approx(4.0) and row["met"]
+    assert s["bar"]["loop_beta0_beats_frozen_by_2se_every_seed"]
+    results[1]["runs"]["loop_beta0"] = run(0.35, 0.08, 0.047)  # 1.5 SE on one seed
+    assert not loop_report.summarize(results, names)["bar"][
+        "loop_beta0_beats_frozen_by_2se_every_seed"]
+    results[1]["runs"]["loop_beta0"] = run(0.9, 0.08, 0.06)  # far ahead, but 6% labels
+    s = loop_report.summarize(results, names)
+    assert not s["by_seed"][1]["loop_beta0"]["met"]
+    assert s["arms"]["loop_beta0"]["final_gold"] == pytest.approx((0.6 + 0.9 + 0.6) / 3)
+    loop_report.print_summary(s)
+
+
+@pytest.mark.slow
+def test_quick_loop_proof_runs_end_to_end(tmp_path):
+    out = tmp_path / "loop"
+    proc = subprocess.run([sys.executable, "-m", "demo.loop", "--quick", "--out", str(out),
+                           "--seeds", "0", "--threads", "1"], capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads((out / "loop.json").read_text())
+    assert set(s["arms"]) == {"frozen_beta0", "loop_beta0"} and s["seeds"] == [0]
+    loop = s["arms"]["loop_beta0"]
+    [labels] = loop["labels_by_seed"]
+    assert 0 < labels["judgments"] <= 3 * 4 and labels["fraction"] <= 0.05
+    [refreshes] = loop["refreshes_by_seed"]
+    assert [r["step"] for r in refreshes] == [2]  # every 2 of 4 steps, none after the last
+    for name, arm in s["arms"].items():
+        assert math.isfinite(arm["final_gold"]), name
+    assert (out / "loop.png").stat().st_size > 1000
+    assert "bar (β = 0" in proc.stdout

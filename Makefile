@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test lint demo protos clean gpu-check
+.PHONY: venv test lint demo demo-loop protos clean gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ DEMO_OUT ?= out/demo
 DEMO_ARGS ?=
 demo: venv
 	$(PY) -m demo.run --out $(DEMO_OUT) $(DEMO_ARGS)
+
+# The live loop against a frozen RM at beta 0, 3 seeds (README "The live loop"; about 45 min on
+# this project's busy 2-core machine); artifacts in out/loop. Reuses a demo run's seed folders.
+LOOP_OUT ?= out/loop
+LOOP_ARGS ?=
+demo-loop: venv
+	$(PY) -m demo.loop --out $(LOOP_OUT) $(LOOP_ARGS)
 
 # On a machine with one CUDA GPU: the `gpu` kernel tests, the kernel timings and a 1B RM served,
 # under 10 minutes, into one JSON (bench/RESULTS.md "GPU run"). Build the venv with a CUDA torch:

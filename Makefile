@@ -35,8 +35,8 @@ DEMO_ARGS ?=
 demo: venv
 	$(PY) -m demo.run --out $(DEMO_OUT) $(DEMO_ARGS)
 
-# The live loop against a frozen RM at beta 0, 3 seeds (README "The live loop"; about 45 min on
-# this project's busy 2-core machine); artifacts in out/loop. Reuses a demo run's seed folders.
+# The live loop against a frozen RM at beta 0, 3 seeds (README "The live loop": the figures and
+# how long it took); artifacts in out/loop. Reuses the seed folders a demo run left there.
 LOOP_OUT ?= out/loop
 LOOP_ARGS ?=
 demo-loop: venv

@@ -1,6 +1,7 @@
 """``python -m demo.ensemble``: does an ensemble of reward models hold over-optimization off?
 
     python -m demo.ensemble --out out/ensemble --seeds 0 1 2 [--members 5] [--quick]
+        [--arms ens_min_beta0 ens_uwo_beta0 ...]   # a subset of the runs; more later, reused
 
 In the demo world (demo/build.py: a hidden gold reward, a simulated Bradley-Terry labeler), for
 each seed, with the demo's own stages (demo/run.py; a folder a demo run left is reused):
@@ -68,12 +69,28 @@ class EnsembleDemoConfig:
     """torch threads for every stage."""
     quick: bool = False
     """A shortened run for tests: the demo's quick world, 2 PPO steps, few samples."""
+    arms: tuple[str, ...] = ()
+    """Only these runs (names as in ARMS; default: all): a shorter proof on a busy machine.
+    Steps, seeds and settings are the same whichever are chosen; a later call with more arms
+    reuses the runs already there. The single RM's run at each β chosen is always included."""
 
 
 def main(argv=None) -> int:
     cfg = tyro.cli(EnsembleDemoConfig, args=argv, prog="python -m demo.ensemble",
                    description=__doc__.split("\n")[0])
     return run(cfg)
+
+
+def chosen_arms(cfg: EnsembleDemoConfig) -> tuple:
+    """The ARMS rows to run: ``cfg.arms`` (all by default) plus the single RM's at their β."""
+    names = [a[0] for a in ARMS]
+    if unknown := [n for n in cfg.arms if n not in names]:
+        raise SystemExit(f"--arms: unknown run(s) {unknown}; choose from {names}")
+    if not cfg.arms:
+        return ARMS
+    wanted = set(cfg.arms)
+    wanted |= {"ppo_beta0" if n.endswith("_beta0") else "ppo" for n in cfg.arms}
+    return tuple(a for a in ARMS if a[0] in wanted)
 
 
 def run(cfg: EnsembleDemoConfig) -> int:
@@ -91,7 +108,7 @@ def run(cfg: EnsembleDemoConfig) -> int:
         t0 = time.perf_counter()
         results[seed] = one_seed(cfg, seed, out / f"seed-{seed}", st)
         results[seed]["seconds"] = time.perf_counter() - t0  # what was not there already
-    summary = ensemble_report.summarize(results, [a[0] for a in ARMS])
+    summary = ensemble_report.summarize(results, [a[0] for a in chosen_arms(cfg)])
     summary["config"] = asdict(cfg)
     summary["stage_seconds"] = st.times
     summary["total_seconds"] = time.perf_counter() - st.t0
@@ -105,13 +122,14 @@ def run(cfg: EnsembleDemoConfig) -> int:
 
 def one_seed(cfg: EnsembleDemoConfig, seed: int, root: Path, st: Stage) -> dict:
     """Steps 1-5 for one seed; {run name: its figures}."""
-    from demo.ensemble_report import run_figures
     from rm_server.launch import start_server
 
     demo = DemoConfig(out=str(root), seed=seed, quick=cfg.quick, kl_coef=cfg.kl_coef,
                       ppo_steps=cfg.steps, overopt_steps=cfg.steps,
                       eval_samples=cfg.eval_samples, threads=cfg.threads)
     root.mkdir(parents=True, exist_ok=True)
+    arms = chosen_arms(cfg)
+    served = {a[1] for a in arms}
     # 1. world, SFT, the single RM; the base pretrains all its steps however busy the machine
     # (demo.build stops at a time budget), so that every seed's world is built alike
     first_stages(demo, st, root, "--max-seconds", "1e9")
@@ -121,16 +139,19 @@ def one_seed(cfg: EnsembleDemoConfig, seed: int, root: Path, st: Stage) -> dict:
             demo, world, sft, ens, "--ensemble", str(cfg.members),
             "--uncertainty-coef", str(cfg.uncertainty_coef)))
     centered = root / "rm_centered"  # the control: one head, the ensemble's centering
-    if not (centered / "config.json").exists():
+    if "centered" in served and not (centered / "config.json").exists():
         st.run(f"seed {seed} rm-centered", rm_train_command(demo, world, sft, centered,
                                                             "--center-coef", "0.01"))
     servers = {}
     coefs = {"uwo": cfg.uncertainty_coef, "strong": cfg.strong_uncertainty_coef}
-    try:  # 3. all served
+    todo = {a[1] for a in arms if not (root / a[0] / "config.json").exists()}
+    try:  # 3. served: the models of the runs not yet done
         for key, model in (("rm", root / "rm"), ("ens", ens), ("centered", centered)):
+            if key not in todo:
+                continue
             servers[key] = start_server(model, "--num-threads", str(max(1, cfg.threads // 2)),
                                         "--max-batch-size", "64", "--model-name", key)
-        for name, served_by, aggregation, beta0, coef in ARMS:  # 4. PPO
+        for name, served_by, aggregation, beta0, coef in arms:  # 4. PPO
             path = root / name
             if (path / "config.json").exists():
                 continue
@@ -143,12 +164,30 @@ def one_seed(cfg: EnsembleDemoConfig, seed: int, root: Path, st: Stage) -> dict:
         for server in servers.values():
             server.stop()
     ens_eval = json.loads((ens / "eval.json").read_text()).get("ensemble", {})
-    figures = {"runs": {name: run_figures(root / name, world, cfg.eval_samples, seed)
-                        for name, *_ in ARMS},  # 5. gold
+    figures = {"runs": {name: cached_figures(root / name, world, cfg.eval_samples, seed)
+                        for name, *_ in arms},  # 5. gold
                "rm_accuracy": json.loads((root / "rm" / "eval.json").read_text())["accuracy"],
                "ensemble": ens_eval}
     print(f"seed {seed}: " + ", ".join(f"{n} {r['final_gold']:+.3f}"
                                        for n, r in figures["runs"].items()), flush=True)
+    return figures
+
+
+def cached_figures(run: Path, world: Path, eval_samples: int, seed: int) -> dict:
+    """``run_figures``, kept in RUN/ensemble_figures.json and reused while the run's policy and
+    the evaluation's settings are those it was computed for (a later call with more arms, or
+    the summary over seeds whose runs were done by separate calls)."""
+    from demo.ensemble_report import run_figures
+
+    key = {"eval_samples": eval_samples, "seed": seed,
+           "policy_mtime": (run / "config.json").stat().st_mtime}
+    cache = run / "ensemble_figures.json"
+    if cache.exists():
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == key:
+            return kept["figures"]
+    figures = run_figures(run, world, eval_samples, seed)
+    cache.write_text(json.dumps({"key": key, "figures": figures}) + "\n")
     return figures
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from demo import ensemble_report
-from demo.ensemble import ARMS
+from demo.ensemble import ARMS, EnsembleDemoConfig, chosen_arms
 
 GOOD, BAD = "is really great.", "is great great great wonderful great great"
 
@@ -57,6 +57,32 @@ def test_curve_windows_and_the_bar(tmp_path):
         results[0]["runs"][name]["final_gold"] = -5.0  # one bad seed: not 2 SE
     assert not ensemble_report.summarize(results, [a[0] for a in ARMS])["bar_met"]
     ensemble_report.print_summary(s)
+
+
+def test_arms_chooses_runs_and_keeps_the_single_rm():
+    assert chosen_arms(EnsembleDemoConfig()) == ARMS
+    names = [a[0] for a in chosen_arms(EnsembleDemoConfig(arms=("ens_uwo_beta0", "ens_min")))]
+    assert names == ["ppo_beta0", "ens_uwo_beta0", "ppo", "ens_min"]  # ARMS' order
+    with pytest.raises(SystemExit, match="unknown"):
+        chosen_arms(EnsembleDemoConfig(arms=("ens_max",)))
+
+
+def test_figures_are_kept_per_run_until_the_policy_changes(tmp_path, monkeypatch):
+    from demo import ensemble
+
+    calls = []
+    monkeypatch.setattr(ensemble_report, "run_figures",
+                        lambda run, world, n, seed: calls.append(n) or {"final_gold": len(calls)})
+    run = tmp_path / "ens_min_beta0"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert ensemble.cached_figures(run, tmp_path, 256, 0) == {"final_gold": 1}
+    assert ensemble.cached_figures(run, tmp_path, 256, 0) == {"final_gold": 1}  # kept
+    assert ensemble.cached_figures(run, tmp_path, 128, 0) == {"final_gold": 2}  # other settings
+    import os
+    os.utime(run / "config.json", (1, 1))  # a new policy in the folder
+    assert ensemble.cached_figures(run, tmp_path, 128, 0) == {"final_gold": 3}
+    assert calls == [256, 128, 128]
 
 
 @pytest.mark.slow

@@ -117,12 +117,13 @@ def _ppo(args, run, dtype: str, lora_r: int):
         t1 = time.perf_counter()
         reference_forwards(ro, nets, 1.0)
         first = layout(ROLLOUTS, cfg, ROLLOUTS, s, run.dist.rank, 0)
-        rollout_logprobs(ro, nets, cfg, [mb for mini in first for mb in mini])
+        primed = rollout_logprobs(ro, nets, cfg, [mb for mini in first for mb in mini],
+                                  prime=True)
         times["reference"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         rewards_and_advantages(ro, torch.randn(ROLLOUTS, generator=g), 0.05, (0.0, 1.0), cfg,
                                run.dist)
-        ppo_update(ro, nets, optimizers, cfg, run, s, ROLLOUTS)
+        ppo_update(ro, nets, optimizers, cfg, run, s, ROLLOUTS, primed)
         times["train"] = time.perf_counter() - t2
         return times
 

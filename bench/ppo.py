@@ -79,8 +79,8 @@ def ensure_policy(name: str, cache: Path) -> Path:
     return out
 
 
-def write_prompts(path: Path, n: int = 512) -> Path:
-    lines = [" ".join(line.split()[:12]) for line in _pseudo_corpus(n, seed=1)]
+def write_prompts(path: Path, n: int = 512, words: int = 12) -> Path:
+    lines = [" ".join(line.split()[:words]) for line in _pseudo_corpus(n, seed=1)]
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in lines))
     return path
 

@@ -15,7 +15,8 @@ Backward, with p = softmax(z), upstream grads g (log-prob) and e (entropy):
     dL/dh    = (dL/dz / tau) @ W          dL/dW = (dL/dz / tau)^T @ h        dL/db = sum_n ...
 
 The forward saves only lse and E_p[z] (N floats each); the backward RECOMPUTES each chunk's
-logits from h and W, so memory stays O(N * chunk) instead of O(N * V).
+logits from h and W, so memory stays O(N * chunk) instead of O(N * V) (the torch path keeps
+them when the whole (N, V) is small: token_logprobs_cpu.py).
 
 Paths (``kernels.dispatch`` picks; ``RLHF_KERNELS`` forces):
 - Triton (CUDA): forward is one fused kernel (tl.dot tiles + online log-sum-exp, the vocabulary
@@ -33,8 +34,16 @@ the public op. The CPU path's chunk loops live in token_logprobs_cpu.py.
 
 import torch
 
+from kernels import token_logprobs_cpu as cpu_path
 from kernels.dispatch import dot_in_fp32, interpreting, tl, triton, use_triton
-from kernels.token_logprobs_cpu import _dlogits_torch, _forward_torch, _scratch
+from kernels.token_logprobs_cpu import (
+    _dlogits_torch,
+    _forward_torch,
+    _scratch,
+    kept_buffer,
+    kept_chunk,
+    release_kept,
+)
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps): rows x vocab tile, reduction step. Untuned defaults
 # (no GPU was lent when this was written); 16-bit operands take a deeper H step.
@@ -237,25 +246,35 @@ def _backward_chunks(ctx, g_lp, g_ent):
                                  ctx.inv_temp, buf[:, : v1 - v0])  # (N, C)
         else:
             w_c = weight[v0:v1].float()
+            kept = None if ctx.kept is None else kept_chunk(ctx.kept, N, v0, v1)
             dz = _dlogits_torch(h_mm, w_c, bias, targets, lse, ez, g_lp, g_ent, v0, v1,
-                                ctx.inv_temp, bufs)
-        if grad_h is not None:
-            grad_h.add_(dz @ w_c)  # (N, H)
-        if grad_w is not None:
-            grad_w[v0:v1] = dz.t() @ h_mm  # (C, H): each column block written once
+                                ctx.inv_temp, bufs, kept)
+        same = dz.dtype == w_c.dtype == torch.float32  # fp32 throughout: into place
+        if grad_h is not None:  # (N, H)
+            grad_h.addmm_(dz, w_c) if same else grad_h.add_(dz @ w_c)
+        if grad_w is not None:  # (C, H): each column block written once
+            if same and grad_w.dtype == torch.float32:
+                torch.mm(dz.t(), h_mm, out=grad_w[v0:v1])
+            else:
+                grad_w[v0:v1] = dz.t() @ h_mm
         if grad_b is not None:
             grad_b[v0:v1] = dz.sum(0, dtype=torch.float32)
     return grad_h.to(hidden.dtype) if grad_h is not None else None, grad_w, grad_b
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """Saves h, W, b, targets, lse and E_p[z]; backward recomputes logits chunk by chunk."""
+    """Saves h, W, b, targets, lse and E_p[z]; backward recomputes logits chunk by chunk, or
+    (torch path, ``keep``) reads the ones the forward kept."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temp, with_entropy, chunk, triton_path):
+    def forward(ctx, hidden, weight, bias, targets, inv_temp, with_entropy, chunk, triton_path,
+                keep=False):
         fwd = _forward_triton if triton_path else _forward_torch
         args = (hidden, weight, bias, targets, inv_temp, with_entropy)
-        logp, ent, lse, ez = fwd(*args) if triton_path else fwd(*args, chunk=chunk)
+        ctx.kept = (kept_buffer(hidden.shape[0] * weight.shape[0], hidden.device)
+                    if keep and not triton_path else None)  # (N * V,) fp32
+        logp, ent, lse, ez = fwd(*args) if triton_path else fwd(*args, chunk=chunk,
+                                                                keep=ctx.kept)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ez)
         ctx.inv_temp, ctx.chunk, ctx.triton_path = inv_temp, chunk, triton_path
         ctx.set_materialize_grads(False)  # an unused output sends None: skip its term
@@ -264,11 +283,14 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):
         if g_lp is None and g_ent is None:
-            return (None,) * 8
+            return (None,) * 9
         g_lp = g_lp.float().contiguous() if g_lp is not None else None
         g_ent = g_ent.float().contiguous() if g_ent is not None else None
         grad_h, grad_w, grad_b = _backward_chunks(ctx, g_lp, g_ent)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        if ctx.kept is not None:
+            release_kept(ctx.kept)
+            ctx.kept = None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def token_logprobs_reference(hidden, lm_head_weight, targets, *, lm_head_bias=None,
@@ -316,9 +338,12 @@ def token_logprobs(hidden, lm_head_weight, targets, *, lm_head_bias=None, temper
     tgt = targets.reshape(-1).to(torch.long).contiguous()  # (N,) gather wants int64
     triton_path = use_triton(hidden, lm_head_weight, kernel=_logprob_fwd_kernel)
     chunk = chunk_size or default_chunk_size(h.shape[0], w.shape[0],
-                                             1 << 24 if triton_path else 1 << 22)
+                                             1 << 24 if triton_path else cpu_path.chunk_budget(H))
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias))
+    keep = grads and not triton_path and h.shape[0] * w.shape[0] <= cpu_path.KEEP_LOGITS_MAX
     out = _TokenLogprobs.apply(h, w, lm_head_bias, tgt, 1.0 / temperature, return_entropy,
-                               chunk, triton_path)
+                               chunk, triton_path, keep)
     if return_entropy:
         return out[0].view(lead), out[1].view(lead)
     return out.view(lead)

@@ -6,7 +6,8 @@
  3. reference: log-probs of the frozen reference and the critic's values, for the chunk
     (ppo_nets.py); then, once every chunk is out, the rollout policy's log-probs, in the
     layout the first PPO epoch trains on (ppo_update.py: so the ratio starts at exactly 1),
-    while the RM scores the last chunks.
+    while the RM scores the last chunks; the first micro-batch's forward keeps its graph for
+    step 7 (``ppo_update.Primed``: not run twice).
 
 Then the scores are collected. A rollout the RM finally failed on gets a NaN score: the loop
 masks it out of everything after (zero weight in every loss and in whitening) and counts it;
@@ -37,8 +38,9 @@ def generate_and_score(step: int, prompt_rows: list[int], models: Models, prompt
                        device: torch.device, timer: PhaseTimer,
                        micro_batches: list[torch.Tensor]):
     """Steps 1-3 for this rank's ``prompt_rows``: (rollouts with log-probs and values,
-    scores (B,) with NaN where the RM failed, what the RM answered). ``micro_batches``: the
-    first PPO epoch's layout of the rollouts (row indices)."""
+    scores (B,) with NaN where the RM failed, what the RM answered, the first micro-batch's
+    policy forward for ``ppo_update``). ``micro_batches``: the first PPO epoch's layout of
+    the rollouts (row indices)."""
     gen_config = rollout.sampling_config(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                          cfg.top_p, models.stop_ids, models.pad_id)
     chunks, sample_ids, scored = [], [], Collected({}, {}, [])
@@ -60,12 +62,12 @@ def generate_and_score(step: int, prompt_rows: list[int], models: Models, prompt
         sample_ids += ids
     rollouts = rollout.concat(chunks, models.pad_id)
     with timer("reference"):  # 3b. while the RM scores the last chunks
-        rollout_logprobs(rollouts, models.nets, cfg, micro_batches)
+        primed = rollout_logprobs(rollouts, models.nets, cfg, micro_batches, prime=True)
     with timer("score"):  # only the time spent waiting on the RM
         scored.merge(scorer.collect())
     scores = torch.tensor([score_of(scored.results[i], cfg) if i in scored.results else math.nan
                            for i in sample_ids], dtype=torch.float32, device=device)  # (B,)
-    return rollouts, scores, scored
+    return rollouts, scores, scored, primed
 
 
 def score_of(result: ScoreResult, cfg: PPOConfig) -> float:

@@ -149,12 +149,13 @@ def train(cfg: PPOConfig, run: Run, closers: list, on_step=None) -> int:
         prompt_rows = prompt_rows[dist.rank * local_batch_size:(dist.rank + 1) * local_batch_size]
 
         # 1-3. generate, score on the RM, reference log-probs and values (chunk by chunk), the
-        # rollout policy's log-probs in the layout of the first PPO epoch
+        # rollout policy's log-probs in the layout of the first PPO epoch (the first
+        # micro-batch's forward kept for step 7)
         first_epoch = [mb for mini in layout(local_batch_size, cfg, local_mini_batch_size, step,
                                              dist.rank, 0) for mb in mini]
-        rollouts, scores, scored = generate_and_score(step, prompt_rows, models, prompts, scorer,
-                                                      rm_input, cfg, dist.rank, device, timer,
-                                                      first_epoch)
+        rollouts, scores, scored, primed = generate_and_score(
+            step, prompt_rows, models, prompts, scorer, rm_input, cfg, dist.rank, device, timer,
+            first_epoch)
         counts = distributed.sum_across(dist, {
             "rollouts": len(rollouts), "scored": len(scored.results),
             "failed_samples": len(scored.failed),
@@ -177,7 +178,9 @@ def train(cfg: PPOConfig, run: Run, closers: list, on_step=None) -> int:
         # 7. PPO epochs × minibatches (skipped, never zero-filled, if nothing was scored)
         with timer("train"):
             train_stats = (ppo_update(rollouts, nets, optimizers, cfg, run, step,
-                                      local_mini_batch_size) if sums["n_valid"] > 0 else {})
+                                      local_mini_batch_size, primed)
+                           if sums["n_valid"] > 0 else {})
+            del primed  # skipped: its graph goes now
         for scheduler in schedulers:
             scheduler.step()
 

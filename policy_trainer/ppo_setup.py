@@ -170,7 +170,8 @@ def build_optimizers(cfg: PPOConfig, m: Models, total_steps: int) -> dict:
         return build_optimizer(params, total_steps, lr=lr, schedule=cfg.lr_schedule,
                                warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio,
                                weight_decay=cfg.weight_decay,
-                               betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+                               betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                               fused=True)
 
     policy_params, critic_params = m.nets.trainable()
     policy_opt, policy_sched = adamw(policy_params, cfg.lr)

@@ -14,12 +14,19 @@ ratio's at the first update. Computed micro-batch by micro-batch exactly as epoc
 them, the forward that makes π_old and the one that makes π at the first minibatch are the
 same computation: the ratio is exactly 1 (tested in bf16, ``test_precision.py``). Later epochs
 use other permutations; by then the policy has moved and the noise is in the noise.
+
+The first micro-batch of epoch 0 is not run twice: step 3b runs its forward *with* the graph
+(``Primed``), takes π_old from it detached, and the first micro-step of step 7 backpropagates
+through that same forward once the advantages exist. Its π_old and its first π are then one
+tensor, and the forward it replaces was the same computation anyway; with one micro-batch per
+minibatch and one minibatch (TRL's tiny setup), that is the whole of step 3b's policy forward.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -40,30 +47,57 @@ def layout(n: int, cfg: PPOConfig, local_mini_batch_size: int, step: int, rank: 
             for m in range(0, n, local_mini_batch_size)]
 
 
-@torch.no_grad()
+@dataclass
+class Primed:
+    """Epoch 0's first micro-batch forward, run in step 3b with its graph kept: the rows
+    ``idx`` and the policy's (log-probs, entropies), (b, R_mb) each, for step 7 to use."""
+
+    idx: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
 def rollout_logprobs(rollouts: Rollouts, nets: Nets, cfg: PPOConfig,
-                     micro_batches: list[torch.Tensor]) -> None:
+                     micro_batches: list[torch.Tensor], prime: bool = False) -> Primed | None:
     """3b. log π_old(y_t) of every response token, (B, R), micro-batch by micro-batch in the
-    layout of epoch 0 (module docstring), attached to ``rollouts``."""
+    layout of epoch 0 (module docstring), attached to ``rollouts``. With ``prime`` the first
+    micro-batch runs last, with its graph, and is returned for ``ppo_update`` (after it no
+    other policy forward runs before its backward: FSDP2 sees forward then backward)."""
     out = torch.zeros(rollouts.response.shape, dtype=torch.float32,
                       device=rollouts.response.device)  # (B, R)
-    for idx in micro_batches:
+    with torch.no_grad():
+        for idx in micro_batches[1:] if prime else micro_batches:
+            mb = rollouts.subset(idx)
+            lp = nets.logprobs(mb.query_responses, mb.attention_mask, mb.context_length,
+                               temperature=cfg.temperature)  # (b, R_mb)
+            out[idx, : lp.size(1)] = lp
+    primed = None
+    if prime and micro_batches:
+        idx = micro_batches[0]
         mb = rollouts.subset(idx)
-        lp = nets.logprobs(mb.query_responses, mb.attention_mask, mb.context_length,
-                           temperature=cfg.temperature)  # (b, R_mb)
-        out[idx, : lp.size(1)] = lp
+        lp, entropy = nets.logprobs(mb.query_responses, mb.attention_mask, mb.context_length,
+                                    temperature=cfg.temperature, with_entropy=True)
+        out[idx, : lp.size(1)] = lp.detach()
+        primed = Primed(idx, lp, entropy)
     rollouts.logprobs = out
+    return primed
 
 
-def micro_step(mb: Rollouts, nets: Nets, cfg: PPOConfig, scale: float) -> dict:
+def micro_step(mb: Rollouts, nets: Nets, cfg: PPOConfig, scale: float,
+               primed: Primed | None = None) -> dict:
     """Forward and backward of one micro-batch, the policy's then the critic's: clipped policy
     loss and entropy bonus, clipped value loss, the gradients scaled by ``scale`` (accumulated
     over the minibatch). Two backwards instead of one on the sum: the networks share no
     trainable weight, the policy's activations are freed before the critic's exist, and with
-    LoRA the critic's backward runs with its adapter active (``ppo_nets.py``)."""
+    LoRA the critic's backward runs with its adapter active (``ppo_nets.py``). ``primed``: the
+    policy's forward of these rows, already run (step 3b). The statistics come back as 0-dim
+    tensors (no host sync here)."""
     inputs = (mb.query_responses, mb.attention_mask, mb.context_length)
-    new_logprobs, entropy = nets.logprobs(*inputs, temperature=cfg.temperature,
-                                          with_entropy=True)  # (B, R) each
+    if primed is not None:
+        new_logprobs, entropy = primed.logprobs, primed.entropy
+    else:
+        new_logprobs, entropy = nets.logprobs(*inputs, temperature=cfg.temperature,
+                                              with_entropy=True)  # (B, R) each
     pg_loss, clipfrac, approx_kl = ppo.policy_loss(new_logprobs, mb.logprobs, mb.advantages,
                                                    mb.train_mask, cfg.clip_coef)
     mean_entropy = ppo.masked_mean(entropy, mb.train_mask)
@@ -74,15 +108,17 @@ def micro_step(mb: Rollouts, nets: Nets, cfg: PPOConfig, scale: float) -> dict:
         vf_loss, vf_clipfrac = ppo.value_loss(new_values, mb.values, mb.returns, mb.train_mask,
                                               cfg.vf_clip_coef)
         (cfg.vf_coef * vf_loss * scale).backward()
-    return {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "clipfrac": clipfrac.item(),
-            "approx_kl": approx_kl.item(), "vf_clipfrac": vf_clipfrac.item(),
-            "entropy": mean_entropy.item()}
+    return {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "clipfrac": clipfrac,
+            "approx_kl": approx_kl, "vf_clipfrac": vf_clipfrac,
+            "entropy": mean_entropy.detach()}
 
 
 def ppo_update(rollouts: Rollouts, nets: Nets, optimizers, cfg: PPOConfig, run: Run,
-               step: int, local_mini_batch_size: int) -> dict:
+               step: int, local_mini_batch_size: int, primed: Primed | None = None) -> dict:
     """7. Epochs x minibatches (one optimizer step each) x micro-batches (accumulated); under
-    FSDP2 the gradients are averaged over ranks as each backward finishes."""
+    FSDP2 the gradients are averaged over ranks as each backward finishes. ``primed``: the
+    first micro-batch's policy forward from step 3b (``rollout_logprobs(prime=True)``). The
+    statistics stay on the device until the end: one host sync per update."""
     stats = defaultdict(list)
     micro_per_mini = local_mini_batch_size // cfg.micro_batch_size
     policy_params, critic_params = nets.trainable()
@@ -91,12 +127,23 @@ def ppo_update(rollouts: Rollouts, nets: Nets, optimizers, cfg: PPOConfig, run: 
         for minibatch in layout(len(rollouts), cfg, local_mini_batch_size, step, run.dist.rank,
                                 epoch):
             for mb_inds in minibatch:
+                first, primed = primed, None
+                if first is not None and not torch.equal(first.idx, mb_inds):
+                    raise RuntimeError("the primed micro-batch is not epoch 0's first")
                 for k, v in micro_step(rollouts.subset(mb_inds), nets, cfg,
-                                       1.0 / micro_per_mini).items():
+                                       1.0 / micro_per_mini, first).items():
                     stats[k].append(v)
-            stats["grad_norm"].append(run.clip_grad_norm(policy_params, max_norm))
-            stats["value_grad_norm"].append(run.clip_grad_norm(critic_params, max_norm))
+            stats["grad_norm"].append(run.clip_grad_norm(policy_params, max_norm, sync=False))
+            stats["value_grad_norm"].append(run.clip_grad_norm(critic_params, max_norm,
+                                                               sync=False))
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    # one sync for all of them; float64 holds each fp32 / bf16 value exactly, so the means are
+    # the ones summing Python floats of .item() gave
+    flat = torch.cat([torch.stack(v).to(torch.float64) for v in stats.values()]).tolist()
+    out, at = {}, 0
+    for k, v in stats.items():
+        out[k] = sum(flat[at:at + len(v)]) / len(v)
+        at += len(v)
+    return out

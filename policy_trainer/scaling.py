@@ -153,9 +153,11 @@ class Run:
     def total(self, values: dict[str, float]) -> dict[str, float]:
         return distributed.sum_across(self.dist, values)
 
-    def clip_grad_norm(self, params, max_norm: float) -> float:
-        """Clip to ``max_norm`` (0: measure only); the norm before clipping."""
-        return sharding.grad_norm(list(params), max_norm if max_norm > 0 else float("inf"))
+    def clip_grad_norm(self, params, max_norm: float, sync: bool = True):
+        """Clip to ``max_norm`` (0: measure only); the norm before clipping (a float, or with
+        ``sync=False`` a 0-dim tensor on the device)."""
+        return sharding.grad_norm(list(params), max_norm if max_norm > 0 else float("inf"),
+                                  sync)
 
     # ------------------------------------------------------------ checkpoints
 

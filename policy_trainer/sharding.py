@@ -79,13 +79,14 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+def grad_norm(params: list[torch.Tensor], max_norm: float, sync: bool = True):
     """``clip_grad_norm_`` over ``params`` (sharded or not; under FSDP the norm is over the
-    whole gradient, every rank the same); returns the norm before clipping."""
+    whole gradient, every rank the same); returns the norm before clipping, a float, or with
+    ``sync=False`` a 0-dim tensor on the device."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):  # a DTensor: the norm of the sharded gradient
         norm = norm.full_tensor()
-    return float(norm)  # CPU-GPU sync
+    return float(norm) if sync else norm  # float(): a CPU-GPU sync
 
 
 def full_state_dict(root: nn.Module) -> dict[str, torch.Tensor]:

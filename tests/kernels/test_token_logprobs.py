@@ -112,6 +112,40 @@ def test_gradients_match_reference(backend, dtype, entropy, monkeypatch):
         torch.testing.assert_close(a.float(), e.float(), **GRAD_TOL[dtype], msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_backward_from_kept_logits_equals_the_recomputing_one(dtype, monkeypatch):
+    """Small (N, V): the forward keeps its logits and the backward reads them; above
+    KEEP_LOGITS_MAX it recomputes them. Same chunks, same GEMM shapes: the same gradients,
+    bit for bit, both outputs' terms, bias and temperature included; retain_graph works (the
+    first backward hands the kept buffer back, the second recomputes)."""
+    monkeypatch.setenv("RLHF_KERNELS", "torch")
+    h, w, b, y = make(37, 1000, 72, dtype)
+    leaves = [t.requires_grad_() for t in (h, w, b)]
+    g_lp, g_ent = torch.randn(37), torch.randn(37)
+
+    def run():
+        return token_logprobs(h, w, y, lm_head_bias=b, temperature=0.7, return_entropy=True,
+                              chunk_size=384)
+
+    kept = grads_of(run, leaves, g_lp, g_ent)
+    monkeypatch.setattr(sys.modules["kernels.token_logprobs_cpu"], "KEEP_LOGITS_MAX", 0)
+    recomputed = grads_of(run, leaves, g_lp, g_ent)
+    for a, e in zip(kept, recomputed):
+        assert torch.equal(a, e)
+    monkeypatch.undo()
+    monkeypatch.setenv("RLHF_KERNELS", "torch")
+    for t in leaves:
+        t.grad = None
+    lp, ent = run()
+    (lp * g_lp + ent * g_ent).sum().backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    (lp * g_lp + ent * g_ent).sum().backward()
+    for a, e in zip(first, (t.grad for t in leaves)):
+        assert torch.equal(a, e)
+
+
 def test_gradient_of_entropy_alone(monkeypatch):
     """An unused log-prob output sends no gradient (set_materialize_grads(False))."""
     monkeypatch.setenv("RLHF_KERNELS", "triton")

@@ -55,6 +55,40 @@ def test_ratio_is_exactly_one_at_step_0_in_bf16(world, tmp_path, lora_r):
             assert stats["clipfrac"] == 0.0 and stats["approx_kl"] == 0.0
 
 
+@pytest.mark.parametrize("dtype,lora_r", [("float32", 0), ("bfloat16", 0), ("bfloat16", 4)])
+def test_the_primed_first_micro_batch_changes_no_number(world, tmp_path, dtype, lora_r):
+    """Step 3b keeps the graph of epoch 0's first micro-batch and step 7 backpropagates through
+    it instead of running that forward again (ppo_update.Primed): π_old, every statistic and
+    every weight after the update are bit for bit those of the run that recomputes it."""
+    from policy_trainer import ppo_setup, rollout
+    from policy_trainer.experience import reference_forwards
+    from policy_trainer.ppo_update import layout, ppo_update, rollout_logprobs
+
+    got = []
+    for prime in (False, True):
+        torch.manual_seed(0)
+        cfg, run, models, found = ppo_parts.build(world["policy"], world["prompts"], tmp_path,
+                                                  dtype=dtype, lora_r=lora_r, num_ppo_epochs=2)
+        gen = rollout.sampling_config(cfg.max_new_tokens, cfg.temperature, 0, 1.0,
+                                      models.stop_ids, models.pad_id)
+        ro = rollout.generate(models.nets.policy, found.ids[:8], list(range(8)), gen,
+                              models.stop_ids, models.pad_id, 1, torch.device("cpu"))
+        reference_forwards(ro, models.nets, cfg.temperature)
+        first = [mb for mini in layout(8, cfg, cfg.mini_batch_size, 0, 0, 0) for mb in mini]
+        primed = rollout_logprobs(ro, models.nets, cfg, first, prime=prime)
+        assert (primed is not None) == prime
+        ppo_loop_advantages(ro, cfg)
+        opts = ppo_setup.build_optimizers(cfg, models, 2)
+        stats = ppo_update(ro, models.nets, (opts["optimizer"], opts["value_optimizer"]), cfg,
+                           run, 0, cfg.mini_batch_size, primed)
+        weights = [p.detach().clone() for group in models.nets.trainable() for p in group]
+        got.append((ro.logprobs, stats, weights))
+    (lp0, stats0, w0), (lp1, stats1, w1) = got
+    assert torch.equal(lp0, lp1)
+    assert stats0 == stats1 and stats0["approx_kl"] > 0  # epoch 1 moved: not trivially equal
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+
+
 def ppo_loop_advantages(ro, cfg):
     from policy_trainer.ppo_loop import rewards_and_advantages
 

@@ -6,6 +6,7 @@
     python -m bench.ppo --quick            # the PPO pipeline, RM overlapped against sequential
     python -m bench.naive_server ...       # the naive baseline server (bench.serve starts it)
     python -m bench.trl_ppo                # the PPO step against TRL 1.12's PPOTrainer (its venv)
+    python -m bench.rm_train               # RM training against TRL's RewardTrainer (its venv)
 
 Results, with the commands that produced them: bench/RESULTS.md. Not part of the installed
 distribution: the modules import the product packages from the checkout they run in.

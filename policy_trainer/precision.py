@@ -50,6 +50,7 @@ def autocast_methods(module: nn.Module, dtype: str, device: torch.device | str,
     (autograd replays the recorded casts)."""
     if dtype == "float32":
         return
+    module.compute_dtype = dtype  # read by a caller that bypasses these methods (rm_pack.py)
     for name in names:
         method = getattr(module, name)
 

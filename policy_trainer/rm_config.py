@@ -76,6 +76,11 @@ class TrainConfig(ScaleConfig):
     min, or uwo = mean − λ·std (stored in config.json)."""
     uncertainty_coef: float = 1.0
     """Ensembles: λ of uwo = mean − λ·std, stored with the checkpoint."""
+    packed_forward: bool = True
+    """Score a pair's shared prompt once, pack pairs instead of padding them, run the score head
+    on the scored rows only (policy_trainer/rm_pack.py: same losses and gradients as the padded
+    forward). Falls back to the padded forward where it does not apply (FSDP2, encoders,
+    families not checked for it); --no-packed-forward: always padded."""
     eval_every: int = 0
     """Evaluate on the eval split every N steps (0: at the end of every epoch)."""
     eval_batch_size: int = 32

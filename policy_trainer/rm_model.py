@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from policy_trainer import precision, rm_pack
 from policy_trainer.data import pad
 from policy_trainer.errors import UserError
 from policy_trainer.prefs import EncodedPair
@@ -133,6 +134,30 @@ def forward_heads(model, seqs: list[list[int]], device: torch.device) -> torch.T
     return out.logits.float()  # (B, K)
 
 
+def forward_pair_heads(model, chosen: list[list[int]], rejected: list[list[int]],
+                       device: torch.device, packed: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every head's scores of m pairs: (r_chosen, r_rejected), each (m, K) fp32, with grad if
+    grad is enabled. ``packed``: a pair's prompt once, pairs packed, the head on the scored rows
+    (rm_pack.py), where :func:`packed_forward_off` finds nothing against it; else (or with
+    ``packed`` False) the plain padded forward of the 2m sequences. Both give the same scores
+    and gradients up to float rounding."""
+    m = len(chosen)
+    if packed and packed_forward_off(model, chosen + rejected) is None:
+        with precision.autocast(getattr(model, "compute_dtype", "float32"), device):
+            return rm_pack.forward_pairs(model, chosen, rejected, device,
+                                         recipe_of(model).position)
+    r = forward_heads(model, list(chosen) + list(rejected), device)
+    return r[:m], r[m:]
+
+
+def packed_forward_off(model, seqs: list[list[int]] = ()) -> str | None:
+    """Why the packed forward does not apply (None: it does)."""
+    if any(getattr(s, "token_type_ids", None) is not None for s in seqs):
+        return "the ids carry token_type_ids"
+    return rm_pack.unpackable(model, max((len(s) for s in seqs), default=0))
+
+
 def forward_rewards_one(model, seq: list[int], device: torch.device) -> torch.Tensor:
     return _heads_one(model, seq, device)[:, 0]
 
@@ -177,11 +202,13 @@ def _pad_token_id(model, pad_id: int):
 
 @torch.no_grad()
 def score_pairs(model, pairs: list[EncodedPair], device: torch.device, batch_size: int = 32,
-                progress: bool = False, heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                progress: bool = False, heads: bool = False, packed: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected), each (N,) fp32 on the CPU (the first head), or (N, K) with
     ``heads`` (every head: an ensemble's members), in the order of ``pairs``.
 
-    Pairs are scored in length-sorted batches (less padding); the order is restored.
+    Pairs are scored in length-sorted batches (less padding), packed where the model allows
+    (:func:`forward_pair_heads`); the order is restored.
     """
     from tqdm.auto import tqdm
 
@@ -191,7 +218,7 @@ def score_pairs(model, pairs: list[EncodedPair], device: torch.device, batch_siz
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc="scoring", unit="batch", disable=not progress, leave=False):
         idx = order[s:s + batch_size]
-        seqs = [pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx]
-        r = forward_heads(model, seqs, device)[:, :k].cpu()  # (2m, k)
-        r_w[idx], r_l[idx] = r[:len(idx)], r[len(idx):]
+        w, r = forward_pair_heads(model, [pairs[i].chosen for i in idx],
+                                  [pairs[i].rejected for i in idx], device, packed)
+        r_w[idx], r_l[idx] = w[:, :k].cpu(), r[:, :k].cpu()  # (m, k) each
     return (r_w, r_l) if heads else (r_w[:, 0], r_l[:, 0])

@@ -8,10 +8,12 @@ the Bradley-Terry loss.
 2. model: ``AutoModelForSequenceClassification`` with one label from ``--base`` (rm_model.py:
    a causal-LM base gets a new scalar head), at most the model's max length; with
    ``--ensemble K``, K heads, each member on its own bootstrap resample (rm_ensemble.py).
-3. AdamW (no decay on biases and norms), linear warm-up then cosine/linear decay (optim.py),
-   gradient accumulation over length-sorted micro-batches (the sum over micro-batches equals
-   the batch).
-4. the loop: BT loss −log σ(r_w − r_l − m) + c·(r_w + r_l)² (bt_loss.py); eval on the eval
+3. AdamW (fused where the parameters allow; no decay on biases and norms), linear warm-up then
+   cosine/linear decay (optim.py), gradient accumulation over length-sorted micro-batches (the
+   sum over micro-batches equals the batch).
+4. the loop: each micro-batch's pairs packed, a pair's prompt once (rm_pack.py; the padded
+   forward where that does not apply), BT loss −log σ(r_w − r_l − m) + c·(r_w + r_l)²
+   (bt_loss.py); eval on the eval
    split; checkpoints; one row per step in train_log.jsonl.
 5. finish: a plain HuggingFace checkpoint in OUT (serve it, or from_pretrained it, as it is),
    reward_stats.json (mean/std of rewards on the eval split, for GetModelInfo; an
@@ -53,8 +55,9 @@ from policy_trainer.rm_eval import ensemble_line, one_line, write_report
 from policy_trainer.rm_metrics import agreement, ensemble_metrics, pairwise_accuracy
 from policy_trainer.rm_model import (
     ensure_pad,
-    forward_heads,
+    forward_pair_heads,
     load_model,
+    packed_forward_off,
     recipe_of,
     score_pairs,
     use_recipe,
@@ -92,8 +95,8 @@ def train_step(model, batch: list[EncodedPair], cfg: TrainConfig, micro: int, de
     for s in range(0, n, micro):
         idx = order[s:s + micro]
         mb = [batch[i] for i in idx]
-        r = forward_heads(model, [p.chosen for p in mb] + [p.rejected for p in mb], device)
-        r_w, r_l = r[:len(mb)], r[len(mb):]  # (m, K), (m, K)
+        r_w, r_l = forward_pair_heads(model, [p.chosen for p in mb], [p.rejected for p in mb],
+                                      device, cfg.packed_forward)  # (m, K), (m, K)
         margin = torch.tensor([p.margin for p in mb], device=device) if cfg.use_margin else None
         c = None if counts is None else counts[idx].to(device)  # (m, K)
         loss = rm_ensemble.member_loss(r_w, r_l, c, margin, cfg.centering)
@@ -177,13 +180,17 @@ def train(cfg: TrainConfig) -> int:
           f"{'its own head' if not new_head else f'{cfg.ensemble} new head(s)'}, {pad_note}, "
           f"max_length {max_length}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters on {device}")
+    off = packed_forward_off(model) if cfg.packed_forward else "--no-packed-forward"
+    print("forward: " + ("packed pairs (a pair's prompt once, no padding, the head on the "
+                         "scored rows)" if off is None else f"padded ({off})"))
     print(f"train: {total_steps} steps of {cfg.batch_size} pairs "
           f"({math.ceil(cfg.batch_size / micro)} micro-batch(es) of ≤ {micro}), "
           f"{steps_per_epoch} steps per epoch; resumable checkpoints in {checkpoints}")
 
     # 3. optimizer; resume
     opt, sched = build_optimizer(model, total_steps, lr=cfg.lr, schedule=cfg.schedule,
-                                 warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay)
+                                 warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+                                 fused=True)  # where it applies (HF Trainer's default too)
     run.register("model", model, opt)
     stateful = run.stateful({"optimizer": opt, "scheduler": sched})
     start = 0

@@ -1,0 +1,350 @@
+"""The reward model's fast training forward: a pair's prompt runs once, pairs are packed
+instead of padded, and the head reads only the scored rows.
+
+The plain forward (``rm_model.forward_heads``) scores 2m sequences padded to the longest: the
+prompt, which chosen and rejected share, runs twice, and short sequences carry padding. Here
+the m pairs of a micro-batch become a few packed rows:
+
+- **a pair is one unit** ``prompt | chosen suffix | rejected suffix``: the prompt is the pair's
+  longest common token prefix (whatever the recipe made of the text), run once. Positions
+  restart after the prompt for the rejected suffix, and an attention mask (R, 1, L, L) lets
+  each token see its own pair's prompt and its own suffix, causally, never the other suffix:
+  every scored token sees exactly the tokens it sees alone;
+- **tokens after a scored token are dropped**: causal attention means they change nothing
+  (TRL's appended EOS when pad == eos, which HF's rule skips);
+- **units are packed** first-fit-decreasing into rows, so short pairs share a row instead of
+  carrying padding (the mask keeps units apart); the row length, from the longest unit to 4x
+  it, is the one of least estimated compute (:func:`plan_rows`: longer rows leave fewer gaps,
+  but attention costs more per token);
+- **the scored rows only, from the last layer on**: the score head and the final norm run on
+  the 2m scored rows, and so do the last layer's attention queries and MLP (its keys and
+  values still at every position; its output elsewhere feeds nothing), as the server does.
+
+The scores, losses and gradients are those of the plain forward (up to float rounding:
+tests/policy_trainer/test_rm_pack.py compares them). Where that is not checked the plain forward
+runs instead (:func:`unpackable` says why): an encoder or another family, attention other than
+sdpa/eager (a 4D mask is what they take), a sliding window shorter than a sequence,
+``token_type_ids``, FSDP2 (its hooks live on the root forward, which this bypasses).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from policy_trainer import lora
+
+# families whose backbone takes a 4D mask and position_ids as they are (masking_utils), checked
+# against the plain forward in tests/policy_trainer/test_rm_pack.py
+PACKABLE = frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"})
+ATTENTION = frozenset({"sdpa", "eager"})
+WIDTHS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)  # row widths tried, as multiples of the longest unit
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A micro-batch of pairs as packed rows."""
+
+    ids: torch.Tensor        # (R, L) long
+    positions: torch.Tensor  # (R, L) long
+    mask: torch.Tensor       # (R, 1, L, L) bool, True = attend
+    chosen_at: torch.Tensor  # (m,) flat index into R*L of each chosen scored token
+    rejected_at: torch.Tensor  # (m,)
+    tokens: int              # real tokens (a pair's prompt counted once)
+    slots: int               # R*L
+
+
+def scored_index(seq: list[int], pad_id: int | None, position: str) -> int:
+    """Where the model reads a sequence's score: HF's rule (the rightmost id != pad, 0 if
+    none; the last token with no pad id), or the last token ("last", OpenRLHF's)."""
+    if position == "last" or pad_id is None:
+        return len(seq) - 1
+    return next((i for i in range(len(seq) - 1, -1, -1) if seq[i] != pad_id), 0)
+
+
+
+
+def split_pair(chosen: list[int], rejected: list[int], pad_id: int | None, position: str,
+               share: bool = True) -> tuple[list[int], list[int], list[int]]:
+    """(shared prompt, chosen suffix, rejected suffix): each sequence cut after its scored
+    token, the prompt their longest common prefix less at least one token of each (none
+    without ``share``)."""
+    c = chosen[: scored_index(chosen, pad_id, position) + 1]
+    r = rejected[: scored_index(rejected, pad_id, position) + 1]
+    n, p = (min(len(c), len(r)) - 1) if share else 0, 0
+    while p < n and c[p] == r[p]:
+        p += 1
+    return c[:p], c[p:], r[p:]
+
+
+def first_fit(sizes: list[int], width: int) -> list[list[int]]:
+    """Unit indices per row: first fit decreasing into rows of ``width`` slots."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for u in sorted(range(len(sizes)), key=lambda u: -sizes[u]):
+        row = next((k for k, f in enumerate(free) if f >= sizes[u]), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(u)
+        free[row] -= sizes[u]
+    return rows
+
+
+def plan_rows(sizes: list[int], hidden: int | None) -> tuple[list[list[int]], int]:
+    """(unit indices per row, row length L). Rows as long as the longest unit leave the gaps
+    of units of different lengths; longer rows fill them, but attention costs L per token.
+    With the model's ``hidden`` size the widths of :data:`WIDTHS` are tried and the one of
+    least estimated cost kept: R·L·(6H + L), a decoder layer's multiply-adds per token being
+    about 12H² for the projections and MLP and 2H·L for attention (None: the longest unit)."""
+    best = None
+    for f in WIDTHS if hidden else WIDTHS[:1]:
+        rows = first_fit(sizes, int(f * max(sizes)))
+        length = max(sum(sizes[u] for u in row) for row in rows)
+        cost = len(rows) * length * (6 * (hidden or 0) + length)
+        if best is None or cost < best[0]:
+            best = (cost, rows, length)
+    return best[1], best[2]
+
+
+def pack(chosen: list[list[int]], rejected: list[list[int]], pad_id: int | None,
+         position: str = "last-non-pad", fill_id: int = 0, share: bool = True,
+         hidden: int | None = None) -> Packed:
+    """The m pairs as packed rows (module docstring); ``share`` False: each prompt twice (to
+    measure what sharing pays); ``hidden``: for the row length (:func:`plan_rows`)."""
+    units = [split_pair(c, r, pad_id, position, share) for c, r in zip(chosen, rejected)]
+    sizes = [len(p) + len(c) + len(r) for p, c, r in units]
+    rows, L = plan_rows(sizes, hidden)
+    R = len(rows)
+    ids, pos = [], []  # (R, L) each, built as lists: one tensor each
+    chosen_at, rejected_at = [0] * len(units), [0] * len(units)
+    causal = torch.ones(L, L, dtype=torch.bool).tril_()  # key at or before the query
+    mask = torch.zeros(R, L, L, dtype=torch.bool)  # block by block, False between units
+    for k, members in enumerate(rows):
+        row_ids, row_pos = [], []
+        for u in members:
+            p, c, r = units[u]
+            s, n, cut = len(row_ids), len(p) + len(c) + len(r), len(p) + len(c)
+            chosen_at[u], rejected_at[u] = k * L + s + cut - 1, k * L + s + n - 1
+            mask[k, s:s + n, s:s + n] = causal[:n, :n]
+            mask[k, s + cut:s + n, s + len(p):s + cut] = False  # rejected never sees chosen
+            row_ids += p + c + r
+            row_pos += [*range(cut), *range(len(p), len(p) + len(r))]
+        s = len(row_ids)
+        mask[k, s:, s:].diagonal().fill_(True)  # a padding slot sees itself (no empty row)
+        ids.append(row_ids + [fill_id] * (L - s))
+        pos.append(row_pos + [0] * (L - s))
+    ids, pos = torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+    return Packed(ids, pos, mask[:, None], torch.tensor(chosen_at), torch.tensor(rejected_at),
+                  sum(sizes), R * L)
+
+
+def _fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def unpackable(model: nn.Module, longest: int = 0) -> str | None:
+    """Why the packed forward does not apply (None: it does); ``longest``: the longest sequence."""
+    hf = lora.unwrap(model)
+    config = hf.config
+    text = config.get_text_config()
+    if config.model_type not in PACKABLE:
+        return f"model type {config.model_type!r} is not one checked for packing"
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    if attn not in ATTENTION:
+        return f"attention {attn!r} takes no 4D mask"
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or ()
+    sliding = any(t != "full_attention" for t in layer_types) or (
+        config.model_type == "mistral" and window is not None)
+    if sliding and (window is None or window < longest):
+        return f"a sliding window ({window}) shorter than a sequence ({longest})"
+    if not isinstance(getattr(hf, "score", None), nn.Module) or hf.base_model is hf:
+        return "no score head on a backbone"
+    if _fsdp(model):
+        return "FSDP2 (its hooks are on the root forward)"
+    return None
+
+
+def forward_pairs(model: nn.Module, chosen: list[list[int]], rejected: list[list[int]],
+                  device: torch.device, position: str, scored_rows: bool = True,
+                  share: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (m, K) fp32, of the packed forward (with grad if enabled).
+    ``scored_rows``: the last layer (but its keys and values) and the final norm on the scored
+    rows only (not under gradient checkpointing, whose recomputation would run the layer on
+    every row). The caller checks :func:`unpackable` first."""
+    hf = lora.unwrap(model)
+    pad_id = hf.config.get_text_config().pad_token_id
+    p = pack(chosen, rejected, pad_id, position, share=share,
+             hidden=hf.config.get_text_config().hidden_size)
+    at = torch.cat([p.chosen_at, p.rejected_at]).to(device)  # (2m,)
+    mask = p.mask.to(device)
+    if getattr(hf.config, "_attn_implementation", None) != "sdpa":  # eager adds its mask
+        mask = torch.zeros(mask.shape, device=device).masked_fill_(
+            ~mask, torch.finfo(torch.float32).min)
+    rows, norm = nullcontext(), None
+    if scored_rows and not _checkpointing(hf):
+        rows = last_layer_on_rows(hf.base_model, at, *p.ids.shape)
+        norm = final_norm(hf.base_model)
+    if norm is not None:  # the backbone returns its last layer's output; the norm comes after
+        norm.forward = _identity
+    try:
+        with rows:
+            out = hf.base_model(input_ids=p.ids.to(device), attention_mask=mask,
+                                position_ids=p.positions.to(device), use_cache=False)
+    finally:
+        if norm is not None:
+            del norm.forward
+    h = out.last_hidden_state  # (R, L, H)
+    h = h.reshape(-1, h.shape[-1])[at]  # (2m, H)
+    r = hf.score(norm(h) if norm is not None else h).float()  # (2m, K)
+    m = len(chosen)
+    return r[:m], r[m:]
+
+
+def _identity(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return x
+
+
+def final_norm(backbone: nn.Module) -> nn.Module | None:
+    """The backbone's final norm (``norm``; GPT-2's ``ln_f``; GPT-NeoX's ``final_layer_norm``):
+    position-wise, so it can run on the scored rows alone."""
+    for name in ("norm", "ln_f", "final_layer_norm"):
+        m = getattr(backbone, name, None)
+        if isinstance(m, nn.Module) and "Norm" in type(m).__name__:
+            return m
+    return None
+
+
+def _checkpointing(hf: nn.Module) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old
+        if hasattr(type(hf), name):
+            return bool(getattr(hf, name))
+    return False
+
+
+SCORED_ATTENTION = "rm_pack_scored_rows"  # registered with transformers' AttentionInterface
+
+
+def _scored_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      **kwargs):
+    """An attention function of transformers' interface that computes the scored queries only:
+    query (R, h, L, d), key and value (R, kv, L, d), the 4D mask; returns (R, L, h, d), zeros
+    at every other position (they feed nothing), and no weights. Each row's scored queries
+    (at most Q) attend to that row's keys: (R, h, Q, L) scores instead of (R, h, L, L)."""
+    qidx, src, dest = module._rm_pack_rows
+    R, h, L, d = query.shape
+    rows = torch.arange(R, device=query.device)[:, None]
+    q = query[rows, :, qidx].transpose(1, 2)  # (R, h, Q, d)
+    if key.shape[1] != h:  # grouped-query attention
+        key = key.repeat_interleave(h // key.shape[1], 1)
+        value = value.repeat_interleave(h // value.shape[1], 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, key, value, attn_mask=attention_mask[rows, 0, qidx][:, None], dropout_p=dropout,
+        scale=scaling)  # (R, h, Q, d)
+    out = out.transpose(1, 2).reshape(-1, h, d)[src]  # (S, h, d)
+    return query.new_zeros(R * L, h, d).index_copy(0, dest, out).view(R, L, h, d), None
+
+
+def query_slots(at: torch.Tensor, rows: int, length: int):
+    """The scored positions ``at`` (flat into (rows, length)) by row: (qidx (rows, Q): each
+    row's scored positions, padded with 0; src (S,): each one's slot in the flattened
+    (rows, Q); dest (S,): its flat position), both in the order of ``dest``."""
+    dest, _ = at.sort()
+    b = torch.div(dest, length, rounding_mode="floor")
+    counts = torch.bincount(b, minlength=rows)
+    slot = torch.arange(len(dest), device=at.device) - (counts.cumsum(0) - counts)[b]
+    qidx = torch.zeros(rows, int(counts.max()), dtype=torch.long, device=at.device)
+    qidx[b, slot] = dest - b * length
+    return qidx, b * qidx.shape[1] + slot, dest
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SCORED_ATTENTION, _scored_attention)
+
+
+def last_layer(backbone: nn.Module) -> nn.Module | None:
+    """A decoder backbone's last layer (``layers``; GPT-2's ``h``), if any."""
+    for attr in ("layers", "h"):
+        layers = getattr(backbone, attr, None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers[-1]
+    return None
+
+
+def _attention_of(layer: nn.Module) -> nn.Module | None:
+    """The layer's self-attention: the child with a ``config`` whose class ends in Attention."""
+    return next((m for m in layer.children() if type(m).__name__.endswith("Attention")
+                 and hasattr(m, "config")), None)
+
+
+@contextmanager
+def last_layer_on_rows(backbone: nn.Module, at: torch.Tensor, rows: int, length: int):
+    """Within: the backbone's last layer computes its output at the flat positions ``at`` of
+    (R, L) only (its keys and values still at every position): attention for those queries
+    (:func:`_scored_attention`, through a copy of the attention module's config naming it) and
+    the MLP on those rows (:class:`_RowsMLP`). Its output elsewhere is the input plus zeros,
+    which the head never reads."""
+    layer = last_layer(backbone)
+    attn = _attention_of(layer) if layer is not None else None
+    mlp = _RowsMLP.of(getattr(layer, "mlp", None))
+    config = None
+    if attn is not None:
+        _register()
+        config = copy.copy(attn.config)  # its own: the model's config is shared by every layer
+        config.__dict__["_attn_implementation_internal"] = SCORED_ATTENTION
+        config, attn.config = attn.config, config
+        attn._rm_pack_rows = query_slots(at, rows, length)
+    try:
+        with mlp.rows(at) if mlp is not None else nullcontext():
+            yield
+    finally:
+        if config is not None:
+            attn.config = config
+            del attn._rm_pack_rows
+
+
+class _RowsMLP:
+    """The last decoder layer's MLP on the scored rows only, within :meth:`rows`: it runs on
+    those rows of the flattened (R*L, H) input and returns zeros elsewhere (the last layer's
+    output at any other position feeds nothing that is scored). Installed over the MLP
+    instance's ``forward`` (weights, state-dict keys and LoRA layers untouched); held by the
+    MLP, holding its original forward."""
+
+    def __init__(self, mlp: nn.Module):
+        self.original = mlp.forward
+        self.at: torch.Tensor | None = None
+        mlp.forward = self.forward
+
+    @classmethod
+    def of(cls, mlp: nn.Module | None) -> _RowsMLP | None:
+        if mlp is None:
+            return None
+        if not isinstance(getattr(mlp, "_rows_mlp", None), cls):
+            mlp._rows_mlp = cls(mlp)
+        return mlp._rows_mlp
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.at is None:
+            return self.original(x, *args, **kwargs)
+        flat = x.reshape(-1, x.shape[-1])
+        y = self.original(flat[self.at], *args, **kwargs)  # (S, H)
+        return flat.new_zeros(flat.shape[0], y.shape[-1]).index_copy(0, self.at, y).view(
+            *x.shape[:-1], y.shape[-1])
+
+    @contextmanager
+    def rows(self, at: torch.Tensor):
+        self.at = at
+        try:
+            yield
+        finally:
+            self.at = None

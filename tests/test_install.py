@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"protos", "rm_client", "rm_server", "policy_trainer", "feedback", "kernels", "demo", "bench",
-        "tests"}
+OURS = {"protos", "rm_client", "rm_server", "policy_trainer", "feedback", "kernels", "demo",
+        "bench", "tests"}
 # package -> (the extras its users install, the optional extras it imports only when there)
 USERS = {
     "protos": ((), ()),

@@ -189,3 +189,22 @@ def percentile(values: list[float], q: float) -> float:
 def median(values: list[float]) -> float:
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")
+
+
+def ensure_venv(venv: Path, pins: list[str], shared: tuple[str, ...] | list[str], who: str) -> Path:
+    """A baseline's own virtual environment (made once): ``pins`` plus this environment's
+    versions of ``shared``; returns its python."""
+    import importlib.metadata as md
+    import subprocess
+    import sys
+
+    py = venv / "bin" / "python"
+    marker = venv / ".installed"
+    if marker.is_file():
+        return py
+    pins = [*pins, *(f"{p}=={md.version(p)}" for p in shared)]
+    print(f"{who}: making {venv} ({' '.join(pins)})", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *pins], check=True)
+    marker.write_text(" ".join(pins) + "\n")
+    return py

@@ -206,18 +206,9 @@ def ours_worker(argv: list[str]) -> None:
 
 def ensure_trl_venv(venv: Path) -> Path:
     """TRL 1.16's venv (made once; the pins above); returns its python."""
-    py = venv / "bin" / "python"
-    marker = venv / ".installed"
-    if marker.is_file():
-        return py
-    import importlib.metadata as md
+    from bench.common import ensure_venv  # here: the TRL child runs this file as a script
 
-    pins = [*TRL_PINS, *(f"{p}=={md.version(p)}" for p in SHARED)]
-    print(f"bench.rm_train: making {venv} ({' '.join(pins)})", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", *pins], check=True)
-    marker.write_text(" ".join(pins) + "\n")
-    return py
+    return ensure_venv(venv, list(TRL_PINS), SHARED, "bench.rm_train")
 
 
 def run_trl(a, work: Path, rep: int) -> dict:

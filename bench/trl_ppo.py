@@ -139,19 +139,10 @@ def trl_child(a) -> None:
 # ---------------------------------------------------------------- our side
 
 def ensure_trl_venv(venv: Path) -> Path:
-    """TRL 1.12's venv (made once; pip pins below); returns its python."""
-    py = venv / "bin" / "python"
-    marker = venv / ".installed"
-    if marker.is_file():
-        return py
-    import importlib.metadata as md
+    """TRL 1.12's venv (made once; the pins above); returns its python."""
+    from bench.common import ensure_venv  # here: the TRL child runs this file as a script
 
-    pins = [*TRL_PINS, *(f"{p}=={md.version(p)}" for p in SHARED)]
-    print(f"bench.trl_ppo: making {venv} ({' '.join(pins)})", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", *pins], check=True)
-    marker.write_text(" ".join(pins) + "\n")
-    return py
+    return ensure_venv(venv, list(TRL_PINS), SHARED, "bench.trl_ppo")
 
 
 def ensure_rm(cache: Path, policy: Path) -> Path:

@@ -17,8 +17,11 @@ special tokens), which ``policy-trainer rm --recipe trl`` reproduces. Both run f
 with the same threads, AdamW at ``--lr`` with a cosine schedule after a 5% warm-up, gradient
 clipping at 1.0, no weight decay, dropout off, no evaluation during training. TRL runs at its
 fastest fair settings: bf16 autocast off (the CPU has no bf16 matmul advantage) and gradient
-checkpointing off (RewardConfig turns both on by default); ``--trl-group-by-length`` adds its
-length-grouped sampler (a variant; it changes the data order).
+checkpointing off (RewardConfig turns both on by default). TRL runs twice per repetition, with
+its default sampler and with its length-grouped one (``train_sampling_strategy=
+"group_by_length"``: batches of similar lengths, less padding, another data order), each a side
+of the interleaved comparison (``--trl-samplers``); ours is compared with each, and
+``ratio_pairs_per_s`` is against the faster.
 
 Timed: the training loop (first step to last optimizer step; model loading, tokenization,
 the final save and scoring are outside), pairs/s = pairs x epochs / loop seconds. TRL runs in
@@ -148,7 +151,7 @@ def trl_worker(a) -> None:
             times["end"], times["cpu_end"] = time.perf_counter(), time.process_time()
 
     extra = {}
-    if a.trl_group_by_length:  # the sampler reads lengths from this column
+    if a.trl_sampler == "group_by_length":  # the sampler reads lengths from this column
         extra = dict(train_sampling_strategy="group_by_length", length_column_name="length",
                      remove_unused_columns=False)  # else the column is gone before the sampler
         for r in records:
@@ -211,15 +214,14 @@ def ensure_trl_venv(venv: Path) -> Path:
     return ensure_venv(venv, list(TRL_PINS), SHARED, "bench.rm_train")
 
 
-def run_trl(a, work: Path, rep: int) -> dict:
-    out = work / f"trl-{rep}"
+def run_trl(a, work: Path, rep: int, sampler: str = "default") -> dict:
+    out = work / f"trl-{sampler}-{rep}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [a.trl_python, "-m", "bench.rm_train", "--trl-worker",
            "--data", str(work / "train.jsonl"), "--base", str(work / "base"), "--out", str(out),
            "--threads", str(a.threads),
-           "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", str(a.lr)]
-    if a.trl_group_by_length:
-        cmd.append("--trl-group-by-length")
+           "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
+           "--trl-sampler", sampler]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if p.returncode:
@@ -354,8 +356,12 @@ def main() -> None:
     ap.add_argument("--trl-venv", default=str(TRL_VENV),
                     help="TRL 1.16's virtual environment (made on first use)")
     ap.add_argument("--ours-only", action="store_true", help="our trainer only (no TRL venv)")
+    ap.add_argument("--trl-samplers", default="default,group_by_length",
+                    help="TRL's samplers to run (train_sampling_strategy), comma-separated, "
+                         "each a side of the interleaved comparison: default, group_by_length")
     ap.add_argument("--trl-group-by-length", action="store_true",
-                    help="TRL with its length-grouped sampler (train_sampling_strategy)")
+                    help="TRL with its length-grouped sampler only (--trl-samplers "
+                         "group_by_length)")
     ap.add_argument("--ours-args", nargs=argparse.REMAINDER, default=[],
                     help="extra flags for policy-trainer rm (last on the line)")
     ap.add_argument("--profile", action="store_true",
@@ -368,6 +374,7 @@ def main() -> None:
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-sampler", default="default", help=argparse.SUPPRESS)
     if sys.argv[1:2] == ["--ours-worker"]:
         return ours_worker(sys.argv[2:])
     a = ap.parse_args()
@@ -395,54 +402,71 @@ def main() -> None:
     print(f"{a.pairs} pairs x {a.epochs} epochs, batch {a.batch_size}, lr {a.lr}, "
           f"{a.threads} threads; held-out Bayes agreement {bayes:.3f}; work dir {work}")
     print(f"ours: policy-trainer {' '.join(ours_command(a, work, work / 'ours-N'))}")
-    a.trl_python = None if a.ours_only else str(ensure_trl_venv(Path(a.trl_venv)))
-    runs: dict[str, list[dict]] = {"trl": [], "ours": []}
+    samplers = [] if a.ours_only else trl_samplers(a)
+    a.trl_python = str(ensure_trl_venv(Path(a.trl_venv))) if samplers else None
+    who_all = [*(TRL_KEY[s] for s in samplers), "ours"]
+    runs: dict[str, list[dict]] = {"trl": [], **{w: [] for w in who_all}}
     for rep in range(a.reps):
-        order = ("trl", "ours") if rep % 2 == 0 else ("ours", "trl")
-        if a.ours_only:
-            order = ("ours",)
-        for who in order:
-            r = (run_trl if who == "trl" else run_ours)(a, work, rep)
+        k = rep % len(who_all)  # each side in each place of the order in turn
+        for who in who_all[k:] + who_all[:k]:
+            r = (run_ours(a, work, rep) if who == "ours" else
+                 run_trl(a, work, rep, SAMPLER_OF[who]))
             r |= quality(r["out"], heldout, valence)
             r["pairs_per_s"] = pairs_trained / r["seconds"]
             r["pairs_per_cpu_s"] = pairs_trained / r["cpu_seconds"]
+            r["load_avg"] = os.getloadavg()
             runs[who].append(r)
-            print(f"rep {rep} {who:4s}: loop {r['seconds']:6.2f} s ({r['pairs_per_s']:6.0f} "
-                  f"pairs/s), CPU {r['cpu_seconds']:6.2f} s ({r['pairs_per_cpu_s']:6.0f} "
+            print(f"rep {rep} {who:22s}: loop {r['seconds']:6.2f} s ({r['pairs_per_s']:5.0f} "
+                  f"pairs/s), CPU {r['cpu_seconds']:6.2f} s ({r['pairs_per_cpu_s']:5.0f} "
                   f"pairs/CPU-s), process {r['wall']:6.2f} s, agreement {r['agreement']:.4f}, "
-                  f"Spearman {r['spearman']:.4f}", flush=True)
+                  f"Spearman {r['spearman']:.4f}, load {r['load_avg'][0]:.2f}", flush=True)
+    write_json(a, runs, summarize(runs, [TRL_KEY[s] for s in samplers], bayes))
+
+
+TRL_KEY = {"default": "trl", "group_by_length": "trl_group_by_length"}  # sampler -> runs key
+SAMPLER_OF = {v: k for k, v in TRL_KEY.items()}
+KEYS = ("seconds", "cpu_seconds", "pairs_per_s", "pairs_per_cpu_s", "agreement", "spearman")
+
+
+def trl_samplers(a) -> list[str]:
+    samplers = ["group_by_length"] if a.trl_group_by_length else a.trl_samplers.split(",")
+    bad = [s for s in samplers if s not in TRL_KEY]
+    if bad:
+        sys.exit(f"--trl-samplers: unknown {bad} (known: {', '.join(TRL_KEY)})")
+    return samplers
+
+
+def summarize(runs: dict[str, list[dict]], trl_keys: list[str], bayes: float) -> dict:
+    """Medians of each side; ours against each TRL variant (median pairs/s over median pairs/s,
+    and per repetition), ``ratio_pairs_per_s`` against the fastest of them."""
 
     def med(who, key):
         return statistics.median(r[key] for r in runs[who])
 
-    if a.ours_only:
-        summary = {f"ours_{k}": med("ours", k) for k in
-                   ("seconds", "cpu_seconds", "pairs_per_s", "agreement", "spearman")}
-        print(f"median: ours {summary['ours_seconds']:.2f} s ({summary['ours_pairs_per_s']:.0f} "
-              f"pairs/s); agreement {summary['ours_agreement']:.4f}, Spearman "
-              f"{summary['ours_spearman']:.4f}")
-        return write_json(a, runs, summary)
-
-    ratio = med("ours", "pairs_per_s") / med("trl", "pairs_per_s")
-    summary = {
-        "ratio_pairs_per_s": ratio,
-        "ratio_pairs_per_cpu_s": med("ours", "pairs_per_cpu_s") / med("trl", "pairs_per_cpu_s"),
-        "ratio_per_rep": [o["pairs_per_s"] / t["pairs_per_s"]
-                          for o, t in zip(runs["ours"], runs["trl"])],
-        "agreement_diff_points": 100 * (med("ours", "agreement") - med("trl", "agreement")),
-        "spearman_diff": med("ours", "spearman") - med("trl", "spearman"),
-        **{f"{who}_{k}": med(who, k) for who in runs for k in
-           ("seconds", "cpu_seconds", "pairs_per_s", "pairs_per_cpu_s", "agreement",
-            "spearman")},
-        "bayes_agreement": bayes}
-    sm = summary
-    print(f"median: TRL {sm['trl_seconds']:.2f} s ({sm['trl_pairs_per_s']:.0f} pairs/s), ours "
-          f"{sm['ours_seconds']:.2f} s ({sm['ours_pairs_per_s']:.0f} pairs/s): {ratio:.2f}x "
-          f"(per rep {', '.join(f'{x:.2f}' for x in sm['ratio_per_rep'])}; per CPU second "
-          f"{sm['ratio_pairs_per_cpu_s']:.2f}x); agreement TRL {sm['trl_agreement']:.4f} ours "
-          f"{sm['ours_agreement']:.4f}; Spearman TRL {sm['trl_spearman']:.4f} ours "
-          f"{sm['ours_spearman']:.4f}")
-    write_json(a, runs, summary)
+    summary = {f"{who}_{k}": med(who, k) for who in ("ours", *trl_keys) for k in KEYS}
+    summary["bayes_agreement"] = bayes
+    print(f"median: ours {summary['ours_seconds']:.2f} s ({summary['ours_pairs_per_s']:.0f} "
+          f"pairs/s, CPU {summary['ours_cpu_seconds']:.2f} s); agreement "
+          f"{summary['ours_agreement']:.4f}, Spearman {summary['ours_spearman']:.4f}")
+    for t in trl_keys:
+        sm = {"ratio_pairs_per_s": med("ours", "pairs_per_s") / med(t, "pairs_per_s"),
+              "ratio_pairs_per_cpu_s": med("ours", "pairs_per_cpu_s") / med(t, "pairs_per_cpu_s"),
+              "ratio_per_rep": [o["pairs_per_s"] / x["pairs_per_s"]
+                                for o, x in zip(runs["ours"], runs[t])],
+              "agreement_diff_points": 100 * (med("ours", "agreement") - med(t, "agreement")),
+              "spearman_diff": med("ours", "spearman") - med(t, "spearman")}
+        summary[f"vs_{t}"] = sm
+        print(f"  vs {t:20s}: {summary[f'{t}_seconds']:.2f} s ({summary[f'{t}_pairs_per_s']:.0f} "
+              f"pairs/s, CPU {summary[f'{t}_cpu_seconds']:.2f} s): ours "
+              f"{sm['ratio_pairs_per_s']:.2f}x (per rep "
+              f"{', '.join(f'{x:.2f}' for x in sm['ratio_per_rep'])}; per CPU second "
+              f"{sm['ratio_pairs_per_cpu_s']:.2f}x); agreement {summary[f'{t}_agreement']:.4f} "
+              f"({sm['agreement_diff_points']:+.2f} points), Spearman "
+              f"{summary[f'{t}_spearman']:.4f} ({sm['spearman_diff']:+.4f})")
+    if trl_keys:
+        fastest = max(trl_keys, key=lambda t: summary[f"{t}_pairs_per_s"])
+        summary |= {"fastest_trl": fastest, **summary[f"vs_{fastest}"]}
+    return summary
 
 
 def write_json(a, runs: dict, summary: dict) -> None:

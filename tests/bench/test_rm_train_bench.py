@@ -50,7 +50,14 @@ def test_profile_times_each_forward_variant(tmp_path):
                     reason="no TRL 1.16 venv (.venv-trl116: python -m bench.rm_train makes it)")
 def test_trl_side_runs_beside_ours(tmp_path):
     result, stdout = run_bench(tmp_path)
-    (trl,) = result["runs"]["trl"]
-    assert trl["trl"] == "1.16.0" and trl["steps"] == 3 and trl["seconds"] > 0
-    assert result["summary"]["ratio_pairs_per_s"] > 0
-    assert "median: TRL" in stdout
+    runs, summary = result["runs"], result["summary"]
+    for key in ("trl", "trl_group_by_length"):  # TRL's default sampler and its length-grouped one
+        (trl,) = runs[key]
+        assert trl["trl"] == "1.16.0" and trl["steps"] == 3 and trl["seconds"] > 0
+        ratio = runs["ours"][0]["pairs_per_s"] / trl["pairs_per_s"]
+        assert summary[f"vs_{key}"]["ratio_pairs_per_s"] == pytest.approx(ratio)
+        assert f"vs {key}" in stdout
+    fastest = summary["fastest_trl"]
+    assert summary["ratio_pairs_per_s"] == summary[f"vs_{fastest}"]["ratio_pairs_per_s"]
+    assert summary[f"{fastest}_pairs_per_s"] == max(r[0]["pairs_per_s"] for k, r in runs.items()
+                                                    if k.startswith("trl"))

@@ -19,6 +19,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
+from rm_server import prefix_plan as plan
+
 
 class Sink(Protocol):
     """Where a call's results go: one per RPC (unary future or stream queue)."""
@@ -75,14 +77,40 @@ class BatchPolicy:
     max_ids_per_peer: int = 8
     """Distinct x-client-id values one peer holds among queued samples (:meth:`fair_keys`)."""
 
+    prefix_sharing: bool = True
+    """Charge a shared prefix once (rm_server/prefix_plan.py); False: the padded cost."""
+    min_shared_prefix: int = 16
+    """Leading tokens samples must share to form a group (the model's rule)."""
+
     def cost(self, lengths: list[int]) -> int:
-        return max(lengths) * len(lengths) if lengths else 0
+        """The padded cost, longest x n: what a batch costs when nothing in it is shared."""
+        return plan.padded_cost(lengths)
+
+    def shares(self, pending: list[Pending]) -> bool:
+        """Does this policy charge shared prefixes once for these samples' model? A version
+        whose model runs no shared prefix (an encoder) says so: ``Version.shares_prefix``."""
+        return (self.prefix_sharing and bool(pending)
+                and getattr(pending[0].version, "shares_prefix", True))
+
+    def batch_cost(self, pending: list[Pending]) -> int:
+        """The token cost of running ``pending`` as one batch (shared prefixes once)."""
+        if not self.shares(pending):
+            return self.cost([p.length for p in pending])
+        return plan.batch_cost([p.ids for p in pending], self.min_shared_prefix)
+
+    def shared_tokens(self, batch: list[Pending]) -> int:
+        """Tokens of ``batch`` not recomputed thanks to its shared prefixes."""
+        if not self.shares(batch):
+            return 0
+        return plan.shared_tokens([p.ids for p in batch], self.min_shared_prefix)
 
     def is_full(self, pending: list[Pending]) -> bool:
         """Would a batch formed now be closed by size or token budget?"""
         if len(pending) >= self.max_batch_size:
             return True
-        return self.cost([p.length for p in pending]) >= self.max_batch_tokens
+        if self.cost([p.length for p in pending]) < self.max_batch_tokens:
+            return False  # sharing only lowers the cost
+        return self.batch_cost(pending) >= self.max_batch_tokens
 
     def ready(self, pending: list[Pending], now: float, batches_in_flight: int,
               mean_gap: float = 0.0) -> bool:
@@ -147,46 +175,73 @@ class BatchPolicy:
 
         Greedy: from the anchor, walk outwards in length order, each step taking the neighbour
         that adds the least padding (a shorter one pads itself up to the longest; a longer one
-        pads every sample already taken), while size and token budget allow. Fairness: in this
-        walk each key (``keys``, default :meth:`fair_keys`) fills at most its :meth:`quotas`
-        share of the slots; slots still free afterwards go to anyone (work-conserving). Only
-        samples bound to the anchor's model version are candidates: batches never mix versions.
+        pads every sample already taken), while size and token budget allow. Samples sharing a
+        prefix (:mod:`rm_server.prefix_plan`) move as one unit: a group is taken whole or not
+        at all, charged its prefix once; only the anchor's group, when it alone exceeds a
+        budget, is cut (its oldest members first). With nothing shared every unit is one
+        sample and the walk is the padded one. Fairness: in this walk each key (``keys``,
+        default :meth:`fair_keys`) fills at most its :meth:`quotas` share of the slots (the
+        anchor's unit aside: it is that key's turn); slots still free afterwards go to anyone
+        (work-conserving). Only samples bound to the anchor's model version are candidates:
+        batches never mix versions.
         """
         keys = self.fair_keys(pending) if keys is None else keys
         anchor = anchor or min(pending, key=lambda p: p.enqueued)
         pending = [p for p in pending if p.version is anchor.version]
-        order = sorted(pending, key=lambda p: (p.length, p.enqueued))
+        order = sorted(self._units(pending), key=lambda u: (u.length, u.enqueued))
         demand = Counter(keys[id(p)] for p in pending)  # in queue order
         quota = self.quotas(demand, keys[id(anchor)])
-        taken = self._walk(order, order.index(anchor), keys, quota)
-        if len(demand) > 1 and len(taken) < self.max_batch_size:
-            chosen = set(map(id, taken))
-            if len(chosen) < len(pending):  # second pass without quotas, around the longest
-                longest = max(taken, key=lambda p: p.length)
-                taken = self._walk(order, order.index(longest), keys, None, must=taken)
-        return taken
+        start = next(i for i, u in enumerate(order) if anchor in u.members)
+        taken = self._walk(order, [(start, self._fit(order[start], anchor))], keys, quota)
+        if len(demand) > 1 and sum(len(u.members) for _, u in taken) < self.max_batch_size:
+            if sum(len(u.members) for _, u in taken) < len(pending):  # again without quotas,
+                longest = max((p for _, u in taken for p in u.members),  # around the longest
+                              key=lambda p: p.length)
+                at = next(i for i, u in enumerate(order) if longest in u.members)
+                taken = self._walk(order, taken, keys, None, start=at)
+        return [p for _, u in taken for p in u.members]
 
-    def _walk(self, order: list[Pending], start: int, keys: dict[int, Hashable],
-              quota: dict[Hashable, int] | None, must: list[Pending] | None = None
-              ) -> list[Pending]:
-        taken = list(must) if must else [order[start]]
-        per_key = Counter(keys[id(p)] for p in taken)
-        longest = max(p.length for p in taken)
-        chosen = set(map(id, taken))
+    def _units(self, pending: list[Pending]) -> list[Unit]:
+        """The queue as units: a group sharing a prefix (members in queue order), or one sample."""
+        if not self.shares(pending):
+            return [Unit([p]) for p in pending]
+        groups, rest = plan.group_by_prefix([p.ids for p in pending], self.min_shared_prefix)
+        return ([Unit([pending[i] for i in m], prefix) for prefix, m in groups]
+                + [Unit([pending[i]]) for i in rest])
+
+    def _fit(self, unit: Unit, anchor: Pending) -> Unit:
+        """The anchor's unit, cut to its oldest members (anchor first) if it alone exceeds the
+        size or token budget: the anchor itself is always taken, so nothing starves."""
+        if (len(unit.members) <= self.max_batch_size
+                and unit.cost() <= self.max_batch_tokens) or len(unit.members) == 1:
+            return unit
+        members = [anchor] + sorted((p for p in unit.members if p is not anchor),
+                                    key=lambda p: p.enqueued)
+        k = 1
+        while (k < min(len(members), self.max_batch_size)
+               and Unit(members[:k + 1], unit.prefix).cost() <= self.max_batch_tokens):
+            k += 1
+        return Unit(members[:k], unit.prefix if k > 1 else 0)
+
+    def _walk(self, order: list[Unit], must: list[tuple[int, Unit]], keys: dict[int, Hashable],
+              quota: dict[Hashable, int] | None, start: int | None = None
+              ) -> list[tuple[int, Unit]]:
+        taken = list(must)
+        start = must[0][0] if start is None else start
+        per_key = Counter(keys[id(p)] for _, u in taken for p in u.members)
+        cost = Cost.of([u for _, u in taken])
+        chosen = {i for i, _ in taken}
         lo, hi = start - 1, start + 1
-        while len(taken) < self.max_batch_size:
-            while lo >= 0 and id(order[lo]) in chosen:
+        while cost.n < self.max_batch_size:
+            while lo >= 0 and lo in chosen:
                 lo -= 1
-            while hi < len(order) and id(order[hi]) in chosen:
+            while hi < len(order) and hi in chosen:
                 hi += 1
-            n = len(taken)
             options = []  # (added padding, new cost, side)
-            if lo >= 0:
-                options.append((max(0, longest - order[lo].length),
-                                (n + 1) * max(longest, order[lo].length), -1))
-            if hi < len(order):
-                nxt = order[hi].length
-                options.append((max(0, nxt - longest) * n, (n + 1) * max(longest, nxt), 1))
+            for i, side in ((lo, -1), (hi, 1)):
+                if 0 <= i < len(order) and cost.n + len(order[i].members) <= self.max_batch_size:
+                    new = cost.add(order[i])
+                    options.append((new.total - cost.total - order[i].tokens, new.total, side))
             options = [o for o in options if o[1] <= self.max_batch_tokens]
             if not options:
                 break
@@ -196,12 +251,68 @@ class BatchPolicy:
                 lo -= 1
             else:
                 hi += 1
-            p = order[i]
-            key = keys[id(p)]
-            if quota is not None and per_key[key] >= quota[key]:
-                continue  # this key has its share: skip, keep walking
-            per_key[key] += 1
-            taken.append(p)
-            chosen.add(id(p))
-            longest = max(longest, p.length)
+            unit = order[i]
+            wants = Counter(keys[id(p)] for p in unit.members)
+            if quota is not None and any(per_key[k] + n > quota[k] for k, n in wants.items()):
+                continue  # a key would exceed its share: skip, keep walking
+            per_key.update(wants)
+            taken.append((i, unit))
+            chosen.add(i)
+            cost = cost.add(unit)
         return taken
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Queued samples that go into a batch together: a group sharing ``prefix`` tokens (k >= 2)
+    or one sample (``prefix`` 0)."""
+
+    members: list[Pending]
+    prefix: int = 0
+
+    @property
+    def length(self) -> int:
+        return max(p.length for p in self.members)
+
+    @property
+    def enqueued(self) -> float:
+        return min(p.enqueued for p in self.members)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens it holds, its prefix once."""
+        return self.prefix + sum(p.length - self.prefix for p in self.members)
+
+    def cost(self) -> int:
+        if self.prefix:
+            return plan.group_cost(self.prefix, [p.length for p in self.members])
+        return plan.padded_cost([p.length for p in self.members])
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A forming batch's cost (prefix_plan's formula): its groups' costs plus its single
+    samples padded to their longest."""
+
+    groups: int = 0
+    singles: int = 0
+    longest: int = 0  # of the single samples
+    n: int = 0  # samples
+
+    @property
+    def total(self) -> int:
+        return self.groups + self.singles * self.longest
+
+    def add(self, unit: Unit) -> Cost:
+        n = self.n + len(unit.members)
+        if unit.prefix:
+            return Cost(self.groups + unit.cost(), self.singles, self.longest, n)
+        return Cost(self.groups, self.singles + len(unit.members),
+                    max(self.longest, unit.length), n)
+
+    @classmethod
+    def of(cls, units: list[Unit]) -> Cost:
+        cost = cls()
+        for u in units:
+            cost = cost.add(u)
+        return cost

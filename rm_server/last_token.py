@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rm_server.prefix_plan import group_by_prefix
+
 
 def last_token_index(ids: list[int], pad_token_id: int | None) -> int:
     """HF's rule on one unpadded sequence: the rightmost id != pad (0 if none); else the last."""
@@ -39,28 +41,11 @@ def prefix_groups(seqs: list[list[int]], pad_token_id: int | None, min_prefix: i
     """Split a batch into groups sharing a token prefix of >= ``min_prefix`` tokens, and the rest.
 
     Each group is (shared length p, member indices), k >= 2; p is the group's longest common
-    prefix, cut so every member keeps its scored token (and at least one token) after it.
+    prefix, cut so every member keeps its scored token (and at least one token) after it. The
+    rule is the batching policy's (rm_server/prefix_plan.py), with HF's scored token.
     """
-    by_head: dict[tuple[int, ...], list[int]] = {}
-    for i, s in enumerate(seqs):
-        if len(s) > min_prefix:
-            by_head.setdefault(tuple(s[:min_prefix]), []).append(i)
-    groups, shared = [], set()
-    for members in by_head.values():
-        if len(members) < 2:
-            continue
-        first = seqs[members[0]]
-        p = min(last_token_index(seqs[i], pad_token_id) for i in members)
-        for i in members[1:]:
-            s, q = seqs[i], 0
-            limit = min(p, len(s))
-            while q < limit and s[q] == first[q]:
-                q += 1
-            p = q
-        if p >= min_prefix:
-            groups.append((p, members))
-            shared.update(members)
-    return groups, [i for i in range(len(seqs)) if i not in shared]
+    return group_by_prefix(seqs, min_prefix,
+                           [last_token_index(s, pad_token_id) for s in seqs])
 
 
 class ScoredRowsMLP:

@@ -22,8 +22,9 @@ class Sink:
 
 
 def item(i, length, t=0.0, sink=None, deadline=None):
-    """Sample ``s{i}`` of ``length`` tokens, queued at ``t``."""
-    return Pending(f"s{i}", [7] * length, sink or Sink(), t, deadline)
+    """Sample ``s{i}`` of ``length`` tokens, queued at ``t``; its first token is its own, so
+    no two samples share a prefix (test_prefix_plan.py has those)."""
+    return Pending(f"s{i}", [1000 + i] + [7] * (length - 1), sink or Sink(), t, deadline)
 
 
 def test_closes_on_size_tokens_or_wait():

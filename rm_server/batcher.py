@@ -208,8 +208,7 @@ class Batcher:
         live = [p for p in batch if not p.dropped]
         if live:
             now = self.clock()
-            finish = now + self.model_time.lower_bound(len(live), max(p.length for p in live),
-                                                       now)
+            finish = now + self.model_time.lower_bound(*self._shape(live), now)
             self._expire([p for p in live if p.deadline is not None and p.deadline <= finish])
         _release([p for p in batch if p.dropped])  # an expired sample ended its call
         return [p for p in batch if not p.dropped]
@@ -232,10 +231,16 @@ class Batcher:
         seconds = self.clock() - t0
         self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * seconds
         lengths = [p.length for p in batch]
-        self.model_time.observe(len(batch), max(lengths), seconds, self.clock())
+        self.model_time.observe(*self._shape(batch), seconds, self.clock())
         if self.metrics:
-            self.metrics.observe_batch(lengths, seconds)
+            self.metrics.observe_batch(lengths, seconds, self.policy.shared_tokens(batch))
         return scored
+
+    def _shape(self, batch: list[Pending]) -> tuple[float, int]:
+        """The batch as (rows, length) for the model-time estimate: its token cost (a shared
+        prefix once, as the policy charges it) over its longest sample."""
+        longest = max(p.length for p in batch)
+        return self.policy.batch_cost(batch) / longest, longest
 
     def _deliver(self, batch: list[Pending], scored: list[Scored]) -> None:
         by_sink: dict[int, tuple[Sink, list]] = {}

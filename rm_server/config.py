@@ -3,6 +3,7 @@ and the checks and derived settings that need no socket and no model."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -89,8 +90,9 @@ class ServeConfig:
     """Over-long inputs: left = drop tokens from the start, keep the scored end
     (truncated=true); error = INVALID_ARGUMENT."""
     prefix_sharing: bool = True
-    """Samples of a batch that share a token prefix (k responses to one prompt) run the prefix
-    once (decoder RMs)."""
+    """Samples that share a token prefix (k responses to one prompt), within a request or
+    across requests that meet in the queue, go into one batch, are charged the prefix once in
+    --max-batch-tokens, and run it once (decoder RMs)."""
     compile: bool = False
     """torch.compile the model (inductor, dynamic shapes): faster serving, measured in
     bench/RESULTS.md. Needs a C++ compiler (CPU) or Triton (CUDA); compiles before SERVING
@@ -99,8 +101,9 @@ class ServeConfig:
     max_batch_size: int | None = None
     """A batch closes at this many samples (default: 32 on CUDA, 16 on CPU)."""
     max_batch_tokens: int | None = None
-    """A batch closes at this padded cost, longest length x samples (default: 8192 on CUDA, 1024
-    on CPU, where larger batches gain nothing and pad more: bench/RESULTS.md)."""
+    """A batch closes at this token cost: longest length x samples, a prefix that samples share
+    counted once (rm_server/prefix_plan.py; default: 8192 on CUDA, 1024 on CPU, where larger
+    batches gain nothing and pad more: bench/RESULTS.md)."""
     max_wait_ms: float = 5.0
     """A batch closes when its oldest sample has waited this long (model idle); not waited at
     all while calls arrive further apart than this on average (no company to wait for)."""
@@ -158,9 +161,12 @@ def model_options(cfg: ServeConfig) -> dict:
 
 
 def batch_policy(cfg: ServeConfig, device_type: str) -> BatchPolicy:
+    """The batching policy. RM_SERVER_BUDGET=padded (internal, for bench.prefix_served's
+    baseline) charges every sample at full length, as before prefix-aware batching."""
     size, tokens = BATCH_DEFAULTS.get(device_type, BATCH_DEFAULTS["cuda"])
+    padded = os.environ.get("RM_SERVER_BUDGET") == "padded"
     return BatchPolicy(cfg.max_batch_size or size, cfg.max_batch_tokens or tokens,
-                       cfg.max_wait_ms / 1000)
+                       cfg.max_wait_ms / 1000, prefix_sharing=cfg.prefix_sharing and not padded)
 
 
 def check_config(cfg: ServeConfig) -> None:

@@ -69,6 +69,9 @@ class Metrics:
                                     registry=r)
         self.batch_tokens = Histogram("rm_batch_tokens", "Padded tokens per batch (max_len x n)",
                                       buckets=TOKEN_BUCKETS, registry=r)
+        self.shared_prefix_tokens = Counter("rm_shared_prefix_tokens", "Tokens not recomputed "
+                                            "because samples of a batch shared a prefix",
+                                            registry=r)
         self.padding_ratio = Histogram("rm_padding_ratio", "Fraction of a batch that is padding",
                                        buckets=RATIO_BUCKETS, registry=r)
         self.queue_depth = Gauge("rm_queue_depth", "Samples waiting in the queue", registry=r)
@@ -115,8 +118,11 @@ class Metrics:
             self.requests.labels(method, "OK")
             self.request_duration.labels(method)
 
-    def observe_batch(self, lengths: list[int], seconds: float) -> None:
+    def observe_batch(self, lengths: list[int], seconds: float, shared: int = 0) -> None:
+        """A batch that ran: its samples' lengths, its model time, and the tokens it did not
+        recompute thanks to shared prefixes."""
         n, longest = len(lengths), max(lengths)
+        self.shared_prefix_tokens.inc(shared)
         padded = n * longest
         self.samples.inc(n)
         self.tokens.inc(sum(lengths))

@@ -61,6 +61,7 @@ from rm_server.last_token import (
     last_token_index,
     prefix_groups,
 )
+from rm_server.prefix_batch import cache_keyword, score_shared
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # model_type -> attribute of the backbone holding the final norm
@@ -174,6 +175,7 @@ class RewardModel:
         if final_norm is None:
             return "forward"
         self._backbone, self._head, self._final_norm = backbone, head, final_norm
+        self.cache_keyword = cache_keyword(backbone)  # prefix_batch.py: `cache` or the old name
         setattr(backbone, norm_attr, nn.Identity())
         mlp = last_layer_mlp(backbone)
         self._rows_mlp = ScoredRowsMLP(mlp) if mlp is not None else None
@@ -259,13 +261,16 @@ class RewardModel:
         """Rewards (fp32) and every head's score (empty for one head) for a batch of token-id
         sequences, on the model thread. ``token_type_ids``: one list or None per sequence
         (default: what the ids carry, ``protos.encoding.TypedIds``). Samples that share a long
-        prefix (k responses to one prompt) run it once, their suffixes against its KV cache."""
+        prefix (k responses to one prompt) run it once, their suffixes against its KV cache
+        (rm_server/prefix_batch.py)."""
         if token_type_ids is None:
             token_type_ids = [getattr(s, "token_type_ids", None) for s in seqs]
         groups, rest = ([], list(range(len(seqs))))
         if self.prefix_sharing and self.scoring_path == "last-token":
             groups, rest = prefix_groups(seqs, self.position_pad, self.min_shared_prefix)
-        parts = [(members, self._score_shared([seqs[i] for i in members], p))
+        parts = [(members, score_shared(self, [seqs[i] for i in members], p,
+                                        [last_token_index(seqs[i], self.position_pad)
+                                         for i in members]))
                  for p, members in groups]
         if rest:
             parts.append((rest, self._score_padded([seqs[i] for i in rest],
@@ -299,29 +304,6 @@ class RewardModel:
             rewards = self._padded_module(input_ids=ids, attention_mask=mask,
                                           **self._type_ids(types, ids.shape[1])).logits  # (B, K)
         return rewards  # (B, K) head scores
-
-    def _score_shared(self, seqs: list[list[int]], p: int) -> torch.Tensor:
-        """Run ids[:p] (identical for all) once, then the k suffixes against its KV cache.
-
-        Suffixes are right-padded, their position ids continue from p, the attention mask covers
-        prefix + suffix: each suffix token sees what it sees in the full sequence (tested).
-        """
-        k = len(seqs)
-        prefix = torch.tensor([seqs[0][:p]], device=self.device)  # (1, P)
-        with self._scored_rows(None):  # only the prefix's keys/values are read
-            cache = self._backbone(input_ids=prefix, use_cache=True).past_key_values
-        cache.batch_repeat_interleave(k)
-        ids, suffix_mask, _ = (x.to(self.device) for x in self.collate([s[p:] for s in seqs]))
-        s_len = ids.shape[1]
-        mask = torch.cat([torch.ones(k, p, dtype=suffix_mask.dtype, device=self.device),
-                          suffix_mask], dim=1)  # (k, P + S)
-        positions = torch.arange(p, p + s_len, device=self.device).expand(k, s_len)
-        index = torch.tensor([last_token_index(s, self.position_pad) - p for s in seqs],
-                             device=self.device)
-        with self._scored_rows(index):
-            hidden = self._backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    past_key_values=cache, use_cache=True).last_hidden_state
-        return self._head_on_rows(hidden, index)  # (k, K)
 
     def _head_on_rows(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         n = self._final_norm

@@ -23,9 +23,12 @@ neighbour) cannot refuse work on its own; with fewer batches to go by it is 0 (r
 Bounds expire after ``max_age`` seconds: after a slow spell that made the server refuse
 everything, the next batch runs and measures again.
 
-A known limit: a batch whose samples share a prompt runs faster than its shape says (the
-prompt is computed once), so a bound from batches that shared nothing can exceed its time.
-That matters only for deadlines within that speed-up of the model time.
+A batch whose samples share a prompt runs faster than its shape says (the prompt is computed
+once): the batcher passes such a batch as ``rows = cost / length`` rows of its longest length,
+its token cost as the batching policy charges it (rm_server/prefix_plan.py). That is not
+quite a bound (a suffix attends to the whole prefix, which ``cost`` counts once), so a bound
+from batches that shared nothing can exceed a shared batch's time by a little; it matters only
+for deadlines within that margin of the model time.
 """
 
 from __future__ import annotations
@@ -40,14 +43,15 @@ class ModelTimeEstimate:
     def __init__(self, window: int = 32, quorum: int = 3, max_age: float = 10.0):
         self.quorum = quorum
         self.max_age = max_age
-        self._ran: deque[tuple[int, int, float, float]] = deque(maxlen=window)  # n, L, t, at
+        self._ran: deque[tuple[float, int, float, float]] = deque(maxlen=window)  # n, L, t, at
 
-    def observe(self, rows: int, length: int, seconds: float, now: float) -> None:
-        """Record a batch that ran: ``rows`` samples padded to ``length`` in ``seconds``."""
+    def observe(self, rows: float, length: int, seconds: float, now: float) -> None:
+        """Record a batch that ran: ``rows`` samples padded to ``length`` in ``seconds``
+        (fractional rows: a batch with shared prefixes, see above)."""
         if rows > 0 and length > 0 and seconds >= 0:
             self._ran.append((rows, length, seconds, now))
 
-    def lower_bound(self, rows: int, length: int, now: float) -> float:
+    def lower_bound(self, rows: float, length: int, now: float) -> float:
         """The least model time that ``quorum`` recent batches each prove; 0 without them."""
         bounds = sorted((t * min(1.0, rows / n) * min(1.0, length / ln) ** 2
                          for n, ln, t, at in self._ran if now - at <= self.max_age),

@@ -70,6 +70,8 @@ class Version:
         # inputs encoded for one version mean the same to another with the same encoding
         self.encoding = (model.tokenizer_fingerprint, enc.max_length, enc.truncation,
                          enc.type_vocab_size)
+        self.shares_prefix = (getattr(model, "prefix_sharing", False)  # BatchPolicy.shares
+                              and getattr(model, "scoring_path", "") == "last-token")
 
     @property
     def hash(self) -> str:

@@ -3,6 +3,7 @@ sample alone, for every supported architecture, padding side, pad == eos, and dt
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from protos.encoding import ChatInput, InputError, TextInput, TokenInput
+from rm_server import prefix_batch
 from rm_server.checkpoint import ModelLoadError
-from rm_server.last_token import last_token_index
+from rm_server.last_token import last_token_index, prefix_groups
 from rm_server.model import RewardModel
+from rm_server.prefix_batch import cache_keyword
 from tests import tiny
 
 DECODERS = ["gpt2", "llama", "qwen2", "mistral", "gpt_neox"]
@@ -195,3 +198,55 @@ def test_prefix_shared_scores_equal_unshared(arch, rm_dirs, tokenizer):
     rm.prefix_sharing = False
     assert shared == pytest.approx(rm.score(seqs), abs=1e-5)
     assert_close(shared, hf_alone(rm_dirs[arch], seqs), 1e-5)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_groups_met_in_a_batch_equal_hf_alone(arch, rm_dirs, tokenizer):
+    """What prefix-aware batching hands the model: two prompts' responses interleaved (samples
+    of several requests that met in the queue), samples that share nothing, a response that
+    is nothing but pad and EOS. Each score equals HF's forward on the sample alone."""
+    rm = RewardModel(rm_dirs[arch])
+    rng = random.Random(7)
+    vocab = len(tokenizer)
+    prompts = [[rng.randrange(8, vocab) for _ in range(n)] for n in (40, 23)]
+    seqs = [prompts[i % 2] + [rng.randrange(8, vocab) for _ in range(rng.randint(1, 9))]
+            for i in range(7)]
+    seqs += [[rng.randrange(8, vocab) for _ in range(30)], [9] * 5,
+             prompts[0] + [tokenizer.eos_token_id, tokenizer.pad_token_id]]
+    groups, rest = prefix_groups(seqs, rm.position_pad, rm.min_shared_prefix)
+    assert sorted(len(m) for _, m in groups) == [3, 5] and len(rest) == 2  # both prompts shared
+    assert_close(rm.score(seqs), hf_alone(rm_dirs[arch], seqs), 1e-5)
+
+
+def test_shared_prefix_uses_the_cache_keyword_without_copies(rm_dirs, monkeypatch):
+    """transformers >= 5.2x names the cache ``cache`` (``past_key_values`` warns, and goes in
+    5.40): the backbone is called with whichever its signature takes, and the prefix's
+    keys/values are viewed k times, not copied."""
+    rm = RewardModel(rm_dirs["llama"])
+    assert rm.cache_keyword == ("cache" if "cache" in inspect.signature(
+        rm._backbone.forward).parameters else "past_key_values")
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert cache_keyword(Old()) == "past_key_values"
+    calls, views = [], []
+    forward, expand = rm._backbone.forward, prefix_batch.expand_cache
+
+    def spy(*args, **kwargs):
+        calls.append(sorted(k for k in kwargs if k in ("cache", "past_key_values")))
+        return forward(*args, **kwargs)
+
+    def spy_expand(cache, k):
+        expand(cache, k)
+        views.extend(layer.keys.stride(0) for layer in cache.layers)
+
+    monkeypatch.setattr(rm._backbone, "forward", spy)
+    monkeypatch.setattr(prefix_batch, "expand_cache", spy_expand)
+    prompt = list(range(20, 60))
+    seqs = [prompt + [70 + j] for j in range(3)]
+    assert_close(rm.score(seqs) + [rm.score([[5, 6, 7]])[0]],
+                 hf_alone(rm_dirs["llama"], seqs + [[5, 6, 7]]), 1e-5)
+    assert calls[:2] == [[], [rm.cache_keyword]]  # the prefix, then the suffixes with its cache
+    assert views and set(views) == {0}  # (k, H, P, D) views of the one prefix row

@@ -190,3 +190,47 @@ def test_sharing_nothing_forms_the_padded_policys_batches(seed):
         assert new.is_full(left) == (len(left) >= size or old.cost(
             [p.length for p in left]) >= tokens)
         left = [p for p in left if p not in got]
+
+
+# -- through the batcher: one batch, the metric, the model-time shape, the old budget ----------
+def test_batcher_runs_a_group_as_one_batch_and_counts_shared_tokens():
+    """Two requests answering one prompt meet in the queue: one batch under the CPU budget
+    (the padded budget cut them into 3 + 3 + 2), rm_shared_prefix_tokens_total counts the
+    prompt's (k - 1) x p tokens, and the model-time estimate sees the batch's shared cost."""
+    import asyncio
+
+    from rm_server.batcher import Batcher
+    from rm_server.metrics import Metrics
+    from tests.rm_server.test_batcher import FakeModel
+
+    def serve(policy):
+        async def main():
+            model, metrics = FakeModel(), Metrics()
+            b = Batcher(model, policy, metrics=metrics)
+            b.start()
+            group = prompt_group(1, 8, 256, 64)
+            b.submit(group[:4])
+            b.submit(group[4:])
+            await b.drain(5)
+            await b.stop()
+            return model.batches, metrics.shared_prefix_tokens._value.get(), b.model_time
+        return asyncio.run(main())
+
+    batches, shared, estimate = serve(BatchPolicy(16, 1024, 0.05))
+    assert batches == [[320] * 8] and shared == 7 * 256
+    (rows, length, _, _), = estimate._ran
+    assert (rows, length) == ((256 + 8 * 64) / 320, 320)
+    batches, shared, _ = serve(BatchPolicy(16, 1024, 0.05, prefix_sharing=False))
+    assert sorted(map(len, batches)) == [2, 3, 3] and shared == 0
+
+
+def test_old_budget_is_an_environment_switch(monkeypatch):
+    from rm_server.config import ServeConfig, batch_policy
+
+    cfg = ServeConfig(model="m")
+    assert batch_policy(cfg, "cpu").prefix_sharing
+    monkeypatch.setenv("RM_SERVER_BUDGET", "padded")  # bench.prefix_served's baseline
+    assert not batch_policy(cfg, "cpu").prefix_sharing
+    monkeypatch.delenv("RM_SERVER_BUDGET")
+    cfg.prefix_sharing = False
+    assert not batch_policy(cfg, "cpu").prefix_sharing

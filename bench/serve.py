@@ -186,10 +186,11 @@ class Server:
 
 
 def launch(kind: str, model_dir: Path, cpus: str | None, threads: int, extra: list[str],
-           root: Path = ROOT, label: str | None = None):
+           root: Path = ROOT, label: str | None = None, env: dict[str, str] | None = None):
     """Start a server process; :func:`ready` waits for it (servers load in parallel).
 
-    ``root``: the source tree our server runs from (another checkout compares two versions).
+    ``root``: the source tree our server runs from (another checkout compares two versions);
+    ``env``: extra environment variables (bench.prefix_served's old token budget).
     """
     tmp = Path(tempfile.mkdtemp(prefix=f"rmbench-{kind}-"))
     port_file, log = tmp / "ports.json", tmp / "server.log"
@@ -203,7 +204,7 @@ def launch(kind: str, model_dir: Path, cpus: str | None, threads: int, extra: li
                "--port", "0", "--port-file", str(port_file), "--num-threads", str(threads),
                *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
     # started unpinned (imports and loading go faster on all cores), pinned once ready
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                             cwd=root)

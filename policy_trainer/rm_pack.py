@@ -17,8 +17,8 @@ the m pairs of a micro-batch become a few packed rows:
   it, is the one of least estimated compute (:func:`plan_rows`: longer rows leave fewer gaps,
   but attention costs more per token);
 - **the scored rows only, from the last layer on**: the score head and the final norm run on
-  the 2m scored rows, and so do the last layer's attention queries and MLP (its keys and
-  values still at every position; its output elsewhere feeds nothing), as the server does.
+  the 2m scored rows, and so does the last layer but its keys and values (rm_scored_rows.py;
+  its output elsewhere feeds nothing), as the server does.
 
 The scores, losses and gradients are those of the plain forward (up to float rounding:
 tests/policy_trainer/test_rm_pack.py compares them). Where that is not checked the plain forward
@@ -29,14 +29,12 @@ sdpa/eager (a 4D mask is what they take), a sliding window shorter than a sequen
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from policy_trainer import lora
+from policy_trainer import lora, rm_scored_rows
 
 # families whose backbone takes a 4D mask and position_ids as they are (masking_utils), checked
 # against the plain forward in tests/policy_trainer/test_rm_pack.py
@@ -64,8 +62,6 @@ def scored_index(seq: list[int], pad_id: int | None, position: str) -> int:
     if position == "last" or pad_id is None:
         return len(seq) - 1
     return next((i for i in range(len(seq) - 1, -1, -1) if seq[i] != pad_id), 0)
-
-
 
 
 def split_pair(chosen: list[int], rejected: list[int], pad_id: int | None, position: str,
@@ -178,8 +174,8 @@ def forward_pairs(model: nn.Module, chosen: list[list[int]], rejected: list[list
                   share: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected), each (m, K) fp32, of the packed forward (with grad if enabled).
     ``scored_rows``: the last layer (but its keys and values) and the final norm on the scored
-    rows only (not under gradient checkpointing, whose recomputation would run the layer on
-    every row). The caller checks :func:`unpackable` first."""
+    rows only (rm_scored_rows.py; not under gradient checkpointing, whose recomputation would
+    run the layer on every row). The caller checks :func:`unpackable` first."""
     hf = lora.unwrap(model)
     pad_id = hf.config.get_text_config().pad_token_id
     p = pack(chosen, rejected, pad_id, position, share=share,
@@ -189,38 +185,12 @@ def forward_pairs(model: nn.Module, chosen: list[list[int]], rejected: list[list
     if getattr(hf.config, "_attn_implementation", None) != "sdpa":  # eager adds its mask
         mask = torch.zeros(mask.shape, device=device).masked_fill_(
             ~mask, torch.finfo(torch.float32).min)
-    rows, norm = nullcontext(), None
-    if scored_rows and not _checkpointing(hf):
-        rows = last_layer_on_rows(hf.base_model, at, *p.ids.shape)
-        norm = final_norm(hf.base_model)
-    if norm is not None:  # the backbone returns its last layer's output; the norm comes after
-        norm.forward = _identity
-    try:
-        with rows:
-            out = hf.base_model(input_ids=p.ids.to(device), attention_mask=mask,
-                                position_ids=p.positions.to(device), use_cache=False)
-    finally:
-        if norm is not None:
-            del norm.forward
-    h = out.last_hidden_state  # (R, L, H)
-    h = h.reshape(-1, h.shape[-1])[at]  # (2m, H)
-    r = hf.score(norm(h) if norm is not None else h).float()  # (2m, K)
+    h = rm_scored_rows.scored_hidden(hf.base_model, p.ids.to(device), mask,
+                                     p.positions.to(device), at,
+                                     scored_rows and not _checkpointing(hf))  # (2m, H)
+    r = hf.score(h).float()  # (2m, K)
     m = len(chosen)
     return r[:m], r[m:]
-
-
-def _identity(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return x
-
-
-def final_norm(backbone: nn.Module) -> nn.Module | None:
-    """The backbone's final norm (``norm``; GPT-2's ``ln_f``; GPT-NeoX's ``final_layer_norm``):
-    position-wise, so it can run on the scored rows alone."""
-    for name in ("norm", "ln_f", "final_layer_norm"):
-        m = getattr(backbone, name, None)
-        if isinstance(m, nn.Module) and "Norm" in type(m).__name__:
-            return m
-    return None
 
 
 def _checkpointing(hf: nn.Module) -> bool:
@@ -229,122 +199,3 @@ def _checkpointing(hf: nn.Module) -> bool:
             return bool(getattr(hf, name))
     return False
 
-
-SCORED_ATTENTION = "rm_pack_scored_rows"  # registered with transformers' AttentionInterface
-
-
-def _scored_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                      **kwargs):
-    """An attention function of transformers' interface that computes the scored queries only:
-    query (R, h, L, d), key and value (R, kv, L, d), the 4D mask; returns (R, L, h, d), zeros
-    at every other position (they feed nothing), and no weights. Each row's scored queries
-    (at most Q) attend to that row's keys: (R, h, Q, L) scores instead of (R, h, L, L)."""
-    qidx, src, dest = module._rm_pack_rows
-    R, h, L, d = query.shape
-    rows = torch.arange(R, device=query.device)[:, None]
-    q = query[rows, :, qidx].transpose(1, 2)  # (R, h, Q, d)
-    if key.shape[1] != h:  # grouped-query attention
-        key = key.repeat_interleave(h // key.shape[1], 1)
-        value = value.repeat_interleave(h // value.shape[1], 1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, key, value, attn_mask=attention_mask[rows, 0, qidx][:, None], dropout_p=dropout,
-        scale=scaling)  # (R, h, Q, d)
-    out = out.transpose(1, 2).reshape(-1, h, d)[src]  # (S, h, d)
-    return query.new_zeros(R * L, h, d).index_copy(0, dest, out).view(R, L, h, d), None
-
-
-def query_slots(at: torch.Tensor, rows: int, length: int):
-    """The scored positions ``at`` (flat into (rows, length)) by row: (qidx (rows, Q): each
-    row's scored positions, padded with 0; src (S,): each one's slot in the flattened
-    (rows, Q); dest (S,): its flat position), both in the order of ``dest``."""
-    dest, _ = at.sort()
-    b = torch.div(dest, length, rounding_mode="floor")
-    counts = torch.bincount(b, minlength=rows)
-    slot = torch.arange(len(dest), device=at.device) - (counts.cumsum(0) - counts)[b]
-    qidx = torch.zeros(rows, int(counts.max()), dtype=torch.long, device=at.device)
-    qidx[b, slot] = dest - b * length
-    return qidx, b * qidx.shape[1] + slot, dest
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(SCORED_ATTENTION, _scored_attention)
-
-
-def last_layer(backbone: nn.Module) -> nn.Module | None:
-    """A decoder backbone's last layer (``layers``; GPT-2's ``h``), if any."""
-    for attr in ("layers", "h"):
-        layers = getattr(backbone, attr, None)
-        if isinstance(layers, nn.ModuleList) and len(layers):
-            return layers[-1]
-    return None
-
-
-def _attention_of(layer: nn.Module) -> nn.Module | None:
-    """The layer's self-attention: the child with a ``config`` whose class ends in Attention."""
-    return next((m for m in layer.children() if type(m).__name__.endswith("Attention")
-                 and hasattr(m, "config")), None)
-
-
-@contextmanager
-def last_layer_on_rows(backbone: nn.Module, at: torch.Tensor, rows: int, length: int):
-    """Within: the backbone's last layer computes its output at the flat positions ``at`` of
-    (R, L) only (its keys and values still at every position): attention for those queries
-    (:func:`_scored_attention`, through a copy of the attention module's config naming it) and
-    the MLP on those rows (:class:`_RowsMLP`). Its output elsewhere is the input plus zeros,
-    which the head never reads."""
-    layer = last_layer(backbone)
-    attn = _attention_of(layer) if layer is not None else None
-    mlp = _RowsMLP.of(getattr(layer, "mlp", None))
-    config = None
-    if attn is not None:
-        _register()
-        config = copy.copy(attn.config)  # its own: the model's config is shared by every layer
-        config.__dict__["_attn_implementation_internal"] = SCORED_ATTENTION
-        config, attn.config = attn.config, config
-        attn._rm_pack_rows = query_slots(at, rows, length)
-    try:
-        with mlp.rows(at) if mlp is not None else nullcontext():
-            yield
-    finally:
-        if config is not None:
-            attn.config = config
-            del attn._rm_pack_rows
-
-
-class _RowsMLP:
-    """The last decoder layer's MLP on the scored rows only, within :meth:`rows`: it runs on
-    those rows of the flattened (R*L, H) input and returns zeros elsewhere (the last layer's
-    output at any other position feeds nothing that is scored). Installed over the MLP
-    instance's ``forward`` (weights, state-dict keys and LoRA layers untouched); held by the
-    MLP, holding its original forward."""
-
-    def __init__(self, mlp: nn.Module):
-        self.original = mlp.forward
-        self.at: torch.Tensor | None = None
-        mlp.forward = self.forward
-
-    @classmethod
-    def of(cls, mlp: nn.Module | None) -> _RowsMLP | None:
-        if mlp is None:
-            return None
-        if not isinstance(getattr(mlp, "_rows_mlp", None), cls):
-            mlp._rows_mlp = cls(mlp)
-        return mlp._rows_mlp
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.at is None:
-            return self.original(x, *args, **kwargs)
-        flat = x.reshape(-1, x.shape[-1])
-        y = self.original(flat[self.at], *args, **kwargs)  # (S, H)
-        return flat.new_zeros(flat.shape[0], y.shape[-1]).index_copy(0, self.at, y).view(
-            *x.shape[:-1], y.shape[-1])
-
-    @contextmanager
-    def rows(self, at: torch.Tensor):
-        self.at = at
-        try:
-            yield
-        finally:
-            self.at = None

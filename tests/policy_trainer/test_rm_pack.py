@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from policy_trainer import rm_ensemble, rm_pack
+from policy_trainer import rm_ensemble, rm_pack, rm_scored_rows
 from policy_trainer.prefs import EncodedPair
 from policy_trainer.rm_config import TrainConfig
 from policy_trainer.rm_model import (
@@ -126,29 +126,50 @@ def test_packed_scores_loss_and_gradients_equal_the_padded_forward(arch, tmp_pat
 
 @pytest.mark.parametrize("arch", DECODERS)
 def test_the_last_layer_computes_the_scored_rows_only(arch, tmp_path):
-    """Its attention and MLP outputs are constant (zero, or a bias) at every other position:
-    the surgery is in place for each family (the test above shows it changes no score)."""
+    """The Llama family's last layer runs its queries, output projection and MLP on the 2m
+    scored rows only and its keys and values on every slot; the others' attention and MLP
+    outputs are constant (zero, or a bias) at every other position: the surgery is in place
+    for each family (the test above shows it changes no score)."""
     model, tok = model_for(arch, tmp_path)
     pairs = pairs_of(tok, 6, seed=6)
-    layer = rm_pack.last_layer(model.base_model)
-    assert rm_pack.final_norm(model.base_model) is not None  # it too runs on the scored rows
-    seen = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(
-        name, o[0] if isinstance(o, tuple) else o))
-        for name, m in (("attention", rm_pack._attention_of(layer)), ("mlp", layer.mlp))]
-    packed(model, pairs)
-    for h in hooks:
-        h.remove()
+    backbone = model.base_model
+    layer = rm_scored_rows.last_layer(backbone)
+    assert rm_scored_rows.final_norm(backbone) is not None  # it too runs on the scored rows
     p = rm_pack.pack([c for c, _ in pairs], [r for _, r in pairs], tok.pad_token_id,
                      hidden=model.config.get_text_config().hidden_size)
     scored = torch.cat([p.chosen_at, p.rejected_at])
-    for name, out in seen.items():
+    seen = {}
+
+    def watch(name, m):
+        return m.register_forward_hook(lambda mod, i, o: seen.__setitem__(
+            name, (i[0], o[0] if isinstance(o, tuple) else o)))
+
+    direct = rm_scored_rows.direct_layer(backbone, layer)
+    assert direct == (arch in ("llama", "qwen2", "qwen3", "mistral"))
+    if direct:
+        attn = layer.self_attn
+        hooks = [watch(n, getattr(attn, n)) for n in ("q_proj", "k_proj", "o_proj")]
+        hooks.append(watch("mlp", layer.mlp))
+    else:
+        hooks = [watch("attention", rm_scored_rows._attention_of(layer)),
+                 watch("mlp", layer.mlp)]
+    packed(model, pairs)
+    for h in hooks:
+        h.remove()
+    if direct:
+        Q = int(torch.bincount(scored // p.ids.shape[1]).max())  # scored slots per row, at most
+        assert seen["k_proj"][0].shape[:2] == p.ids.shape  # keys at every slot
+        assert seen["q_proj"][0].shape[:2] == (p.ids.shape[0], Q)  # queries at the scored ones
+        assert seen["o_proj"][0].shape[0] == seen["mlp"][0].shape[0] == len(scored)
+        assert "forward" not in vars(layer)  # restored
+        return
+    for name, (_, out) in seen.items():
         flat = out.reshape(-1, out.shape[-1])
         others = flat[[i for i in range(len(flat)) if i not in set(scored.tolist())]]
         assert torch.equal(others, others[:1].expand_as(others)), name
         assert not torch.equal(flat[scored], others[:1].expand(len(scored), -1)), name
-    assert layer.mlp._rows_mlp.at is None and not hasattr(rm_pack._attention_of(layer),
-                                                          "_rm_pack_rows")  # restored
+    assert layer.mlp._rows_mlp.at is None and not hasattr(
+        rm_scored_rows._attention_of(layer), "_rm_pack_rows")  # restored
 
 
 @pytest.mark.parametrize("pad", ["eos", "none"])

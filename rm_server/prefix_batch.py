@@ -52,14 +52,94 @@ def score_shared(rm, seqs: list[list[int]], p: int, index: list[int]) -> torch.T
     with rm._scored_rows(None):  # only the prefix's keys/values are read
         out = rm._backbone(input_ids=prefix, use_cache=True)
     cache = getattr(out, kw)
-    expand_cache(cache, k)
     ids, suffix_mask, _ = (x.to(device) for x in rm.collate([s[p:] for s in seqs]))
     s_len = ids.shape[1]
-    mask = torch.cat([torch.ones(k, p, dtype=suffix_mask.dtype, device=device),
-                      suffix_mask], dim=1)  # (k, P + S)
     positions = torch.arange(p, p + s_len, device=device).expand(k, s_len)  # (k, S)
     rows = torch.tensor([i - p for i in index], device=device)  # (k,) in the suffix
-    with rm._scored_rows(rows):
-        hidden = rm._backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              use_cache=True, **{kw: cache}).last_hidden_state  # (k, S, H)
+    kv = prefix_kv(cache, rm._backbone.config, p + s_len)
+    if kv is not None:  # the suffixes attend to the prefix's keys/values as they are
+        hidden = _suffixes_merged(rm, ids, positions, rows, kv)
+    else:
+        expand_cache(cache, k)
+        mask = torch.cat([torch.ones(k, p, dtype=suffix_mask.dtype, device=device),
+                          suffix_mask], dim=1)  # (k, P + S)
+        with rm._scored_rows(rows):
+            hidden = rm._backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                  use_cache=True, **{kw: cache}).last_hidden_state  # (k, S, H)
     return rm._head_on_rows(hidden, rows)  # (k, K)
+
+
+# -- the suffixes against the prefix without k copies of it (CPU) ----------------------------
+# Attention over [prefix | own suffix] is split in two and merged by log-sum-exp (as flash
+# attention merges its blocks): all k*S suffix queries against the one prefix (1, H, P, D), no
+# mask, as a single (1, H, k*S, D) batch; each suffix against itself, causal (right padding
+# follows the real tokens, so causal alone keeps them out). No cache, no mask and no k copies
+# of the prefix; torch's CPU flash kernel returns the log-sum-exp the merge needs.
+PREFIX_ATTENTION = "rm_prefix_merge"
+_active: list = []  # the prefix keys/values per layer while a suffix batch runs (model thread)
+
+
+def prefix_kv(cache, config, total: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each layer's prefix (keys, values), (1, H_kv, P, D), when the merged path applies: on
+    the CPU, a dynamic cache, no sliding window shorter than the sequence; else None."""
+    from transformers.cache_utils import DynamicLayer
+
+    window = getattr(config, "sliding_window", None)
+    layers = getattr(cache, "layers", None)
+    if (not layers or (window is not None and window < total)
+            or not all(type(layer) is DynamicLayer and layer.keys is not None
+                       and layer.keys.device.type == "cpu" for layer in layers)):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def _suffixes_merged(rm, ids, positions, rows, kv) -> torch.Tensor:
+    """Hidden states (k, S, H) of the suffixes, their attention merged with the prefix's."""
+    config = rm._backbone.config
+    before, calls = config._attn_implementation, len(kv)
+    _active[:] = [kv, 0]
+    config._attn_implementation = PREFIX_ATTENTION
+    try:
+        with rm._scored_rows(rows):
+            hidden = rm._backbone(input_ids=ids, position_ids=positions,
+                                  use_cache=False).last_hidden_state  # (k, S, H)
+        calls = _active[1]
+    finally:
+        config._attn_implementation = before
+        _active.clear()
+    if calls != len(kv):  # a layer that did not take the merged attention: never silently
+        raise RuntimeError(f"prefix attention ran in {calls} of {len(kv)} layers")
+    return hidden
+
+
+def merged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     **kwargs):
+    """transformers' attention interface: (k, H, S, D) suffix queries against the active
+    prefix's keys/values and their own (causal); returns (k, S, H, D) and no weights."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    kv, _ = _active
+    _active[1] += 1
+    pk, pv = kv[module.layer_idx]  # (1, H_kv, P, D)
+    k, h, s, d = query.shape
+    groups = h // key.shape[1]
+    pk, pv, key, value = (repeat_kv(x, groups) for x in (pk, pv, key, value))  # H_kv -> H
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q_all = query.transpose(0, 1).reshape(1, h, k * s, d)  # (1, H, k*S, D)
+    o1, lse1 = flash(q_all, pk, pv, 0.0, False, scale=scaling)[:2]  # (1, H, kS, D), (1, H, kS)
+    o2, lse2 = flash(query, key, value, 0.0, True, scale=scaling)[:2]  # (k, H, S, D), (k, H, S)
+    o1 = o1.reshape(h, k, s, d).transpose(0, 1)  # (k, H, S, D)
+    lse1 = lse1.reshape(h, k, s).transpose(0, 1)  # (k, H, S)
+    lse = torch.logaddexp(lse1, lse2)
+    out = (o1.float() * (lse1 - lse).exp().unsqueeze(-1)
+           + o2.float() * (lse2 - lse).exp().unsqueeze(-1)).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None  # (k, S, H, D)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PREFIX_ATTENTION, merged_attention)
+
+
+_register()

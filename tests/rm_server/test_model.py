@@ -121,6 +121,7 @@ def test_batch_invariance(rm_dirs, tokenizer):
 def test_bf16_within_dtype_tolerance(rm_dirs, tokenizer):
     rm = RewardModel(rm_dirs["llama"], dtype="bfloat16")
     seqs = random_batch(len(tokenizer), seed=2)
+    seqs += [seqs[0] * 3 + [9 + j] * (j + 1) for j in range(3)]  # a shared prefix, merged
     want = hf_alone(rm_dirs["llama"], seqs, torch.bfloat16)
     diff = max(abs(a - b) for a, b in zip(rm.score(seqs), want))
     assert diff < 0.1  # bf16 has ~3 significant digits; the head accumulates in fp32 here
@@ -218,10 +219,11 @@ def test_groups_met_in_a_batch_equal_hf_alone(arch, rm_dirs, tokenizer):
     assert_close(rm.score(seqs), hf_alone(rm_dirs[arch], seqs), 1e-5)
 
 
-def test_shared_prefix_uses_the_cache_keyword_without_copies(rm_dirs, monkeypatch):
-    """transformers >= 5.2x names the cache ``cache`` (``past_key_values`` warns, and goes in
-    5.40): the backbone is called with whichever its signature takes, and the prefix's
-    keys/values are viewed k times, not copied."""
+def test_shared_prefix_paths_without_copies(rm_dirs, monkeypatch):
+    """On the CPU the suffixes' attention merges the prefix's part and their own (no cache
+    passed, no k copies of the prefix); elsewhere (here forced) the prefix's cache is passed
+    under the keyword the backbone takes (transformers >= 5.2x: ``cache``; ``past_key_values``
+    warns, and goes in 5.40), viewed k times, not copied. Both equal HF alone."""
     rm = RewardModel(rm_dirs["llama"])
     assert rm.cache_keyword == ("cache" if "cache" in inspect.signature(
         rm._backbone.forward).parameters else "past_key_values")
@@ -245,8 +247,26 @@ def test_shared_prefix_uses_the_cache_keyword_without_copies(rm_dirs, monkeypatc
     monkeypatch.setattr(rm._backbone, "forward", spy)
     monkeypatch.setattr(prefix_batch, "expand_cache", spy_expand)
     prompt = list(range(20, 60))
-    seqs = [prompt + [70 + j] for j in range(3)]
-    assert_close(rm.score(seqs) + [rm.score([[5, 6, 7]])[0]],
-                 hf_alone(rm_dirs["llama"], seqs + [[5, 6, 7]]), 1e-5)
-    assert calls[:2] == [[], [rm.cache_keyword]]  # the prefix, then the suffixes with its cache
+    seqs = [prompt + [70 + j] * (1 + j % 2) for j in range(3)]
+    want = hf_alone(rm_dirs["llama"], seqs)
+    assert_close(rm.score(seqs), want, 1e-5)
+    assert calls == [[], []] and not views  # merged: the prefix, then the suffixes alone
+    assert rm._backbone.config._attn_implementation != prefix_batch.PREFIX_ATTENTION
+    calls.clear()
+    monkeypatch.setattr(prefix_batch, "prefix_kv", lambda *a: None)
+    assert_close(rm.score(seqs), want, 1e-5)
+    assert calls == [[], [rm.cache_keyword]]  # the prefix, then the suffixes with its cache
     assert views and set(views) == {0}  # (k, H, P, D) views of the one prefix row
+
+
+def test_merged_attention_refuses_a_layer_that_bypasses_it(rm_dirs, monkeypatch):
+    """The merged path counts the layers that took it: one that did not would have scored
+    its suffixes without the prompt, so the batch fails instead of answering wrong."""
+    from transformers import AttentionInterface
+
+    rm = RewardModel(rm_dirs["llama"])
+    monkeypatch.setitem(AttentionInterface._global_mapping, prefix_batch.PREFIX_ATTENTION,
+                        lambda m, q, *a, **kw: (q.transpose(1, 2).contiguous(), None))
+    prompt = list(range(20, 60))
+    with pytest.raises(RuntimeError, match="prefix attention ran in 0 of 2 layers"):
+        rm.score([prompt + [70], prompt + [71]])

@@ -32,12 +32,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
 from pathlib import Path
 
-from bench.common import DEFAULT_CACHE, FIRST_ID, VOCAB, ensure_model, median, sample_pool
+from bench.common import (
+    DEFAULT_CACHE,
+    FIRST_ID,
+    VOCAB,
+    ensure_model,
+    median,
+    parse_cpus,
+    sample_pool,
+)
 from bench.serve import build_requests, launch, measure, pin, ready
 
 BUDGET_ENV = "RM_SERVER_BUDGET"  # rm_server.config.batch_policy: "padded" is the old budget
@@ -79,6 +88,9 @@ def loads(args) -> dict[str, tuple[list, int]]:
 
 
 def run(args) -> dict:
+    client_cpus = parse_cpus(args.client_cpus)
+    if client_cpus:  # the load generator off the servers' CPUs (threads started later inherit)
+        os.sched_setaffinity(0, client_cpus)
     model_dir = ensure_model(args.model, args.cache)
     work = loads(args)
     flags = ["--num-threads", str(args.threads)]
@@ -175,6 +187,27 @@ async def _probe_one(model, policy, k: int, args) -> list[list[list[int]]]:
     return batches
 
 
+def _hits(batches: list[list[list[int]]], slots: int, prompt: int, min_prefix: int) -> dict:
+    """Prefixes run, those among the last ``slots`` batches' prefixes (hits), and the share of
+    the computed tokens the hits would have saved."""
+    from rm_server.prefix_plan import group_by_prefix
+
+    recent: list[set] = []
+    runs = hits = saved = computed = 0
+    for batch in batches:
+        groups, rest = group_by_prefix(batch, min_prefix)
+        heads = {tuple(batch[m[0]][:p]) for p, m in groups}
+        heads |= {tuple(batch[i][:prompt]) for i in rest if len(batch[i]) > prompt}
+        for h in heads:
+            runs += 1
+            if any(h in old for old in recent):
+                hits, saved = hits + 1, saved + len(h)
+        computed += sum(map(len, batch)) - sum((len(m) - 1) * p for p, m in groups)
+        recent = (recent + [heads])[-slots:]
+    return {"prefix_runs": runs, "hits": hits, "hit_rate": hits / runs if runs else 0.0,
+            "tokens_saved_share": saved / computed if computed else 0.0}
+
+
 def cache_probe(args) -> dict:
     """Per k: the prefixes batches ran, those an LRU of the last ``probe_slots`` batches'
     prefixes held (hits), and the share of the computed tokens a hit would have saved."""
@@ -183,7 +216,6 @@ def cache_probe(args) -> dict:
     from rm_server.batch_policy import BatchPolicy
     from rm_server.config import BATCH_DEFAULTS
     from rm_server.model import RewardModel
-    from rm_server.prefix_plan import group_by_prefix
 
     torch.set_num_threads(args.threads)
     model = RewardModel(ensure_model(args.model, args.cache))
@@ -192,21 +224,10 @@ def cache_probe(args) -> dict:
     out = {}
     for k in args.probe_ks:
         batches = asyncio.run(_probe_one(model, policy, k, args))
-        recent: list[set] = []
-        runs = hits = saved = computed = 0
-        for batch in batches:
-            groups, rest = group_by_prefix(batch, policy.min_shared_prefix)
-            heads = {tuple(batch[m[0]][:p]) for p, m in groups}
-            heads |= {tuple(batch[i][:args.prompt]) for i in rest if len(batch[i]) > args.prompt}
-            for h in heads:
-                runs += 1
-                if any(h in old for old in recent):
-                    hits, saved = hits + 1, saved + len(h)
-            computed += sum(map(len, batch)) - sum((len(m) - 1) * p for p, m in groups)
-            recent = (recent + [heads])[-args.probe_slots:]
-        out[f"k={k}"] = {"batches": len(batches), "prefix_runs": runs, "hits": hits,
-                         "hit_rate": hits / runs if runs else 0.0,
-                         "tokens_saved_share": saved / computed if computed else 0.0}
+        out[f"k={k}"] = {"batches": len(batches)}
+        for slots in args.probe_slots:
+            out[f"k={k}"][f"last {slots} batches"] = _hits(batches, slots, args.prompt,
+                                                           policy.min_shared_prefix)
         print(f"[probe] k={k}: {out[f'k={k}']}", file=sys.stderr, flush=True)
     return out
 
@@ -223,10 +244,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mixed-clients", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     ap.add_argument("--server-cpus", default="0", help="taskset CPU list of the servers")
+    ap.add_argument("--client-cpus", default="1", help="CPU list of the load generator")
     ap.add_argument("--cache-probe", action="store_true")
     ap.add_argument("--probe-ks", default="4,8,16,32")
     ap.add_argument("--probe-requests", type=int, default=2, help="per client, per k")
-    ap.add_argument("--probe-slots", type=int, default=4, help="batches an LRU would remember")
+    ap.add_argument("--probe-slots", default="1,4,16",
+                    help="how many past batches' prefixes a cache would hold (comma list)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path)
@@ -239,12 +262,14 @@ def main(argv: list[str] | None = None) -> None:
         args.probe_ks, args.probe_requests = "4", 1
     args.ks = [int(k) for k in args.ks.split(",")]
     args.probe_ks = [int(k) for k in str(args.probe_ks).split(",")]
+    args.probe_slots = [int(k) for k in str(args.probe_slots).split(",")]
     t0 = time.perf_counter()
     result = {"command": " ".join(["python -m bench.prefix_served", *(argv or sys.argv[1:])]),
               "settings": {k: getattr(args, k) for k in ("model", "reps", "ks", "prompt",
                                                          "response", "clients", "requests",
                                                          "mixed_clients", "threads",
-                                                         "server_cpus", "dry_run")},
+                                                         "server_cpus", "client_cpus",
+                                                         "dry_run")},
               **run(args)}
     if args.cache_probe:
         result["cache_probe"] = cache_probe(args)

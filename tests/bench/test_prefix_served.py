@@ -40,4 +40,21 @@ def test_dry_run_writes_ratios_and_the_probe(tmp_path):
                                                 int(r["load"].split("-")[1]))
                for r in res["per_rep"])
     probe = res["cache_probe"]["k=4"]
-    assert probe["batches"] >= 1 and 0 <= probe["hits"] <= probe["prefix_runs"]
+    assert probe["batches"] >= 1
+    for slots in (1, 4, 16):
+        hits = probe[f"last {slots} batches"]
+        assert hits["prefix_runs"] >= 1 and 0 <= hits["hits"] <= hits["prefix_runs"]
+
+
+def test_cache_probe_counts_prefixes_seen_in_recent_batches():
+    from bench.prefix_served import _hits
+
+    a, b = list(range(100, 120)), list(range(200, 220))  # two 20-token prompts
+    batches = [[a + [1], a + [2]], [b + [3], b + [4]], [a + [5], [7] * 25], [a + [6]]]
+    # prefixes run: a, b, a and 7s (a single sample longer than the prompt), a
+    one = _hits(batches, 1, prompt=20, min_prefix=16)
+    assert (one["prefix_runs"], one["hits"]) == (5, 1)  # a in batch 4: batch 3 held it
+    two = _hits(batches, 2, prompt=20, min_prefix=16)
+    assert two["hits"] == 2  # a in batch 3 too: batch 1 is within the last two
+    computed = 21 + 1 + 21 + 1 + 21 + 25 + 21  # each group's prompt once
+    assert two["tokens_saved_share"] == 2 * 20 / computed

@@ -77,19 +77,21 @@ def split_pair(chosen: list[int], rejected: list[int], pad_id: int | None, posit
     return c[:p], c[p:], r[p:]
 
 
-def first_fit(sizes: list[int], width: int) -> list[list[int]]:
-    """Unit indices per row: first fit decreasing into rows of ``width`` slots."""
+def first_fit(sizes: list[int], width: int) -> tuple[list[list[int]], int]:
+    """(unit indices per row, the longest row's length): first fit decreasing into rows of
+    ``width`` slots."""
     rows: list[list[int]] = []
     free: list[int] = []
-    for u in sorted(range(len(sizes)), key=lambda u: -sizes[u]):
-        row = next((k for k, f in enumerate(free) if f >= sizes[u]), None)
-        if row is None:
+    for u in sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True):  # stable
+        need, k = sizes[u], 0
+        while k < len(free) and free[k] < need:  # the first row it fits
+            k += 1
+        if k == len(rows):
             rows.append([])
             free.append(width)
-            row = len(rows) - 1
-        rows[row].append(u)
-        free[row] -= sizes[u]
-    return rows
+        rows[k].append(u)
+        free[k] -= need
+    return rows, width - min(free)
 
 
 def plan_rows(sizes: list[int], hidden: int | None) -> tuple[list[list[int]], int]:
@@ -100,8 +102,7 @@ def plan_rows(sizes: list[int], hidden: int | None) -> tuple[list[list[int]], in
     about 12H² for the projections and MLP and 2H·L for attention (None: the longest unit)."""
     best = None
     for f in WIDTHS if hidden else WIDTHS[:1]:
-        rows = first_fit(sizes, int(f * max(sizes)))
-        length = max(sum(sizes[u] for u in row) for row in rows)
+        rows, length = first_fit(sizes, int(f * max(sizes)))
         cost = len(rows) * length * (6 * (hidden or 0) + length)
         if best is None or cost < best[0]:
             best = (cost, rows, length)

@@ -290,7 +290,7 @@ def profile_steps(a, work: Path) -> None:
     import torch.nn.functional as F
     from transformers import AutoTokenizer
 
-    from policy_trainer import rm_pack
+    from policy_trainer import rm_pack, rm_scored_rows
     from policy_trainer.rm_model import forward_heads, load_model
     from protos.encoding import Encoder, TextInput
     from protos.recipes import RECIPES
@@ -312,14 +312,22 @@ def profile_steps(a, work: Path) -> None:
         x = forward_heads(model, c + r, cpu)
         return x[: len(c)], x[len(c):]
 
-    def packed(share, scored_rows):
-        return lambda c, r: rm_pack.forward_pairs(model, c, r, cpu, "last-non-pad", scored_rows,
-                                                  share)
+    def packed(share, scored_rows, direct=True):
+        def fn(c, r):
+            rm_scored_rows.direct_layer = real if direct else lambda backbone, layer: False
+            try:
+                return rm_pack.forward_pairs(model, c, r, cpu, "last-non-pad", scored_rows,
+                                             share)
+            finally:
+                rm_scored_rows.direct_layer = real
+        return fn
 
+    real = rm_scored_rows.direct_layer
     variants = {"padded (TRL's layout; ours before)": (padded, None),
                 "packed, each prompt twice": (packed(False, False), False),
                 "packed, a pair's prompt once": (packed(True, False), True),
-                "+ the last layer on the scored rows": (packed(True, True), True)}
+                "+ last layer's attention fn, MLP on rows": (packed(True, True, False), True),
+                "+ last layer on the scored rows (Llama)": (packed(True, True), True)}
     times = {k: [] for k in variants}
     slots = {k: 0 for k in variants}
     batches = [pairs[i:i + a.batch_size] for i in range(0, len(pairs), a.batch_size)]
@@ -339,7 +347,7 @@ def profile_steps(a, work: Path) -> None:
     print(f"{len(batches)} steps of {a.batch_size} pairs, {a.threads} thread(s), median ms/step:")
     for name in variants:
         ms = statistics.median(times[name]) * 1e3
-        print(f"  {name:40s} {ms:7.1f} ms  {base_ms / ms:4.2f}x  "
+        print(f"  {name:42s} {ms:7.1f} ms  {base_ms / ms:4.2f}x  "
               f"{slots[name] / len(batches):7.0f} token slots/step")
 
 

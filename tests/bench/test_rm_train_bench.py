@@ -42,7 +42,7 @@ def test_profile_times_each_forward_variant(tmp_path):
                            str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for variant in ("padded", "each prompt twice", "prompt once", "scored rows"):
+    for variant in ("padded", "each prompt twice", "prompt once", "attention fn", "scored rows"):
         assert variant in proc.stdout
 
 

@@ -240,20 +240,22 @@ def test_train_step_packed_equals_padded_with_lora_and_ensemble(tmp_path):
 
 
 def test_gradient_checkpointing_and_bf16_keep_the_packed_forward(tmp_path):
-    """Checkpointing recomputes each layer (the MLP runs on every row then: same result);
-    bf16 runs under the same autocast as the model's own forward."""
+    """Checkpointing recomputes each layer (the last layer runs on every row then: same
+    result); bf16 runs under the same autocast as the model's own forward, with and without
+    checkpointing (without: the last layer on the scored rows, rm_scored_rows.py)."""
     tok = tiny.train_tokenizer()
     base = tiny.make_causal_lm("llama", tok, tmp_path / "base", seed=4)
     batch = [EncodedPair(c, r, 0.0, i) for i, (c, r) in enumerate(pairs_of(tok, 8, seed=4))]
-    for dtype, tol in (("float32", 1e-5), ("bfloat16", 3e-2)):
+    for dtype, tol, ckpt in (("float32", 1e-5, True), ("bfloat16", 3e-2, True),
+                             ("bfloat16", 3e-2, False)):
         losses = []
         for packed_forward in (False, True):
             cfg = TrainConfig(data="x", base=str(base), out="o", dtype=dtype,
-                              gradient_checkpointing=True, packed_forward=packed_forward)
+                              gradient_checkpointing=ckpt, packed_forward=packed_forward)
             model, _ = load_model(base, 0, True)
             model = Run(cfg, torch.device("cpu")).prepare(model, "SEQ_CLS").train()
             losses.append(train_step(model, batch, cfg, 8, torch.device("cpu"))["loss"])
-        assert losses[1] == pytest.approx(losses[0], rel=tol), dtype
+        assert losses[1] == pytest.approx(losses[0], rel=tol), (dtype, ckpt)
 
 
 def test_where_the_packed_forward_does_not_apply_the_padded_one_runs(tmp_path):

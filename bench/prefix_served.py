@@ -2,6 +2,7 @@
 
     python -m bench.prefix_served --reps 3                  # the bars, ~5 min on 2 cores
     python -m bench.prefix_served --cache-probe             # + would a cross-batch KV cache pay?
+    python -m bench.prefix_served --ks '' --reps 5          # the mixed load alone, longer
     python -m bench.prefix_served --dry-run --out f.json    # tiny sizes (the test suite)
 
 Two real `rm-server serve` processes with default flags on the same model (rm-30m), up at the
@@ -17,7 +18,9 @@ otherwise). Loads, each driven by closed-loop gRPC clients (bench.serve.drive):
 Per repetition, every (load, server) pair runs once, the servers in rotating order. The figures
 are samples/s medians over --reps, and ratios taken within a repetition, then their median:
 shared-k / flat-k per server (the bars: new >= 2.8x at k = 8, >= 1.5x at k = 4) and new / old
-on mixed (the bar: >= 1.0, never slower). Printed and written to --out (JSON).
+on mixed (the bar: >= 1.0, never slower). Printed and written to --out (JSON), with the same
+ratios in server CPU time per sample (``cpu_ratios``: less disturbed by other work on a shared
+machine).
 
 --cache-probe: would a small cache of prefix keys/values across batches (vLLM's automatic
 prefix caching) pay? It runs the server's own Batcher and BatchPolicy in process with the model,
@@ -137,6 +140,15 @@ def summarize(args, rows: list[dict]) -> dict:
                 [rate[rep, f"shared-{k}", label] / rate[rep, f"flat-{k}", label] for rep in reps])
     out["ratios"]["mixed new/old"] = median(
         [rate[rep, "mixed", "new"] / rate[rep, "mixed", "old"] for rep in reps])
+    # the same ratios in server CPU seconds per sample (inverse): a shared machine's other
+    # work slows the wall clock of whichever server it meets, not the CPU time of its batches
+    cpu = {(r["rep"], r["load"], r["server"]): r["cpu_ms"] for r in rows}
+    out["cpu_ratios"] = {
+        **{f"k={k} shared/flat {label}": median(
+            [cpu[rep, f"flat-{k}", label] / cpu[rep, f"shared-{k}", label] for rep in reps])
+           for k in args.ks for label in ("new", "old")},
+        "mixed new/old": median([cpu[rep, "mixed", "old"] / cpu[rep, "mixed", "new"]
+                                 for rep in reps])}
     out["per_rep"] = rows
     return out
 
@@ -260,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model, args.reps, args.prompt, args.response = "rm-7m", 1, 24, 6
         args.clients, args.requests, args.mixed_clients = 2, 1, 4
         args.probe_ks, args.probe_requests = "4", 1
-    args.ks = [int(k) for k in args.ks.split(",")]
+    args.ks = [int(k) for k in args.ks.split(",") if k]  # --ks '': the mixed load alone
     args.probe_ks = [int(k) for k in str(args.probe_ks).split(",")]
     args.probe_slots = [int(k) for k in str(args.probe_slots).split(",")]
     t0 = time.perf_counter()

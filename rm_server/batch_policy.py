@@ -1,13 +1,16 @@
 """The batching policy: when a batch closes and which queued samples it takes (pure: no clock,
 no sockets; the batcher passes the time and the queue).
 
-A batch closes when it is full (``max_batch_size`` samples, or ``max_batch_tokens`` of padded
-cost ``max_len * n``) or when its oldest sample has waited ``max_wait``; and at once when calls
-arrive further apart than ``max_wait`` on average: then waiting would bring no company and only
-add latency. Samples are grouped by length around an anchor (which is always taken, so nothing
-starves): first-come batches of a mix of short and long samples are mostly padding, and on a
-CPU they can run slower than the samples one by one. Batch slots are shared fairly among the
-callers with queued samples (:meth:`BatchPolicy.fair_keys`, :meth:`BatchPolicy.quotas`).
+A batch closes when it is full (``max_batch_size`` samples, or ``max_batch_tokens`` of token
+cost: padded, ``max_len * n``, a prefix that samples share counted once:
+rm_server/prefix_plan.py) or when its oldest sample has waited ``max_wait``; and at once when
+calls arrive further apart than ``max_wait`` on average: then waiting would bring no company
+and only add latency. Samples are grouped by length around an anchor (which is always taken,
+so nothing starves): first-come batches of a mix of short and long samples are mostly
+padding, and on a CPU they can run slower than the samples one by one. Samples sharing a
+prefix (k responses to one prompt, from one request or several) are kept in one batch, so
+the model runs the prefix once (:meth:`BatchPolicy.select`). Batch slots are shared fairly
+among the callers with queued samples (:meth:`BatchPolicy.fair_keys`, :meth:`BatchPolicy.quotas`).
 Batches never mix model versions: a batch takes only samples bound to its anchor's version
 (``Pending.version``; rm_server/versions.py).
 """

@@ -32,6 +32,8 @@ def test_dry_run_writes_ratios_and_the_probe(tmp_path):
     assert set(res["ratios"]) == {"k=8 shared/flat new", "k=8 shared/flat old",
                                   "k=4 shared/flat new", "k=4 shared/flat old", "mixed new/old"}
     assert all(r > 0 for r in res["ratios"].values())
+    assert set(res["cpu_ratios"]) == set(res["ratios"])
+    assert all(r > 0 for r in res["cpu_ratios"].values())
     loads = {(r["load"], r["server"]) for r in res["per_rep"]}
     assert loads == {(load, s) for load in ("shared-8", "flat-8", "shared-4", "flat-4", "mixed")
                      for s in ("new", "old")}

@@ -79,13 +79,18 @@ def test_the_primed_first_micro_batch_changes_no_number(world, tmp_path, dtype, 
         assert (primed is not None) == prime
         ppo_loop_advantages(ro, cfg)
         opts = ppo_setup.build_optimizers(cfg, models, 2)
+        start = [p.detach().clone() for group in models.nets.trainable() for p in group]
         stats = ppo_update(ro, models.nets, (opts["optimizer"], opts["value_optimizer"]), cfg,
                            run, 0, cfg.mini_batch_size, primed)
         weights = [p.detach().clone() for group in models.nets.trainable() for p in group]
-        got.append((ro.logprobs, stats, weights))
-    (lp0, stats0, w0), (lp1, stats1, w1) = got
+        got.append((ro.logprobs, stats, weights, start))
+    (lp0, stats0, w0, start), (lp1, stats1, w1, _) = got
     assert torch.equal(lp0, lp1)
-    assert stats0 == stats1 and stats0["approx_kl"] > 0  # epoch 1 moved: not trivially equal
+    assert stats0 == stats1
+    # the update moved the weights: not trivially equal (approx_kl alone is no such proof: in
+    # bf16 with a fresh LoRA adapter epoch 1's log-probs can round to epoch 0's, KL exactly 0,
+    # on CPUs with native bf16 arithmetic)
+    assert any(not torch.equal(a, b) for a, b in zip(start, w0))
     assert all(torch.equal(a, b) for a, b in zip(w0, w1))
 
 

@@ -3,12 +3,17 @@ keys/values (the model's side of prefix-aware batching; which samples share what
 rm_server/prefix_plan.py).
 
 For a group of k sequences sharing their first p tokens, ``ids[:p]`` runs once as a (1, P)
-batch with a cache; its keys/values are then viewed k times along the batch dimension
-(``expand``: no copy; the cache's first update concatenates the suffix's keys/values and makes
-the one copy it must), and the k suffixes run right-padded as a (k, S) batch against them, their
-position ids continuing from p and their attention mask covering prefix + suffix. Each suffix
-token then sees exactly what it sees in the full sequence, so the scores are those of the
-sequences run alone (tested per family against HF's forward: tests/rm_server/test_model.py).
+batch with a cache; then the k suffixes run right-padded as a (k, S) batch, their position ids
+continuing from p, each suffix token attending to the prefix and to its own suffix up to it:
+exactly what it sees in the full sequence, so the scores are those of the sequences run alone
+(tested per family against HF's forward: tests/rm_server/test_model.py). Two ways:
+
+- on the CPU (:func:`merged_attention`): no cache and no mask; each layer's attention is split
+  into the k*S suffix queries against the one prefix and each suffix against itself, merged
+  by log-sum-exp, so the prefix's keys/values are never copied k times;
+- elsewhere (another device, a sliding window shorter than the sequence): the prefix's cache
+  viewed k times along the batch (``expand``: the cache's first update concatenates, the one
+  copy it must make) and a mask over prefix + suffix.
 
 transformers renamed the forward's ``past_key_values`` to ``cache`` (the old name warns, and
 goes in 5.40); :func:`cache_keyword` reads the backbone's signature and passes whichever it
@@ -18,6 +23,7 @@ takes, and reads the returned cache under the same name.
 from __future__ import annotations
 
 import inspect
+import threading
 
 import torch
 from torch import nn
@@ -76,7 +82,7 @@ def score_shared(rm, seqs: list[list[int]], p: int, index: list[int]) -> torch.T
 # follows the real tokens, so causal alone keeps them out). No cache, no mask and no k copies
 # of the prefix; torch's CPU flash kernel returns the log-sum-exp the merge needs.
 PREFIX_ATTENTION = "rm_prefix_merge"
-_active: list = []  # the prefix keys/values per layer while a suffix batch runs (model thread)
+_active = threading.local()  # .kv: the prefix's keys/values per layer while suffixes run; .calls
 
 
 def prefix_kv(cache, config, total: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -97,16 +103,16 @@ def _suffixes_merged(rm, ids, positions, rows, kv) -> torch.Tensor:
     """Hidden states (k, S, H) of the suffixes, their attention merged with the prefix's."""
     config = rm._backbone.config
     before, calls = config._attn_implementation, len(kv)
-    _active[:] = [kv, 0]
+    _active.kv, _active.calls = kv, 0
     config._attn_implementation = PREFIX_ATTENTION
     try:
         with rm._scored_rows(rows):
             hidden = rm._backbone(input_ids=ids, position_ids=positions,
                                   use_cache=False).last_hidden_state  # (k, S, H)
-        calls = _active[1]
+        calls = _active.calls
     finally:
         config._attn_implementation = before
-        _active.clear()
+        _active.kv = None
     if calls != len(kv):  # a layer that did not take the merged attention: never silently
         raise RuntimeError(f"prefix attention ran in {calls} of {len(kv)} layers")
     return hidden
@@ -115,12 +121,16 @@ def _suffixes_merged(rm, ids, positions, rows, kv) -> torch.Tensor:
 def merged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      **kwargs):
     """transformers' attention interface: (k, H, S, D) suffix queries against the active
-    prefix's keys/values and their own (causal); returns (k, S, H, D) and no weights."""
+    prefix's keys/values and their own (causal); returns (k, S, H, D) and no weights.
+
+    With o1, lse1 the attention output and log-sum-exp of the scores over the prefix, o2, lse2
+    over the suffix: ``out = (e^lse1 * o1 + e^lse2 * o2) / (e^lse1 + e^lse2)``, i.e. the softmax
+    over prefix + suffix, computed in fp32 as ``o1 * e^(lse1 - lse) + o2 * e^(lse2 - lse)``.
+    """
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    kv, _ = _active
-    _active[1] += 1
-    pk, pv = kv[module.layer_idx]  # (1, H_kv, P, D)
+    _active.calls += 1
+    pk, pv = _active.kv[module.layer_idx]  # (1, H_kv, P, D)
     k, h, s, d = query.shape
     groups = h // key.shape[1]
     pk, pv, key, value = (repeat_kv(x, groups) for x in (pk, pv, key, value))  # H_kv -> H

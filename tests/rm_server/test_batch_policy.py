@@ -125,3 +125,23 @@ def test_quotas_are_max_min_fair_and_sum_to_the_batch():
     q = p.quotas({k: 5 for k in range(40)}, first=7)  # more keys than slots
     assert sum(q.values()) == 32 and q[7] == 1
     assert p.quotas({"a": 1}, first="a") == {"a": 1}
+
+
+def test_a_model_that_shares_nothing_is_charged_padded():
+    """Prefix-aware cost only for a version whose model runs a shared prefix once
+    (``Version.shares_prefix``; an encoder RM does not): its k responses to one prompt are
+    charged at full length and cut by the budget as before."""
+
+    class Version:
+        def __init__(self, shares):
+            self.shares_prefix = shares
+
+    prompt = [11] * 40
+    p = BatchPolicy(max_batch_size=16, max_batch_tokens=100, max_wait=0)
+    for shares, cost, taken in ((True, 40 + 4 * 10, 4), (False, 4 * 50, 2)):
+        v = Version(shares)
+        group = [Pending(f"s{j}", prompt + [20 + j] * 10, Sink(), j, version=v)
+                 for j in range(4)]
+        assert p.batch_cost(group) == cost
+        assert len(p.select(group)) == taken
+        assert p.shared_tokens(group) == (3 * 40 if shares else 0)

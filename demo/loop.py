@@ -119,12 +119,25 @@ def arms(cfg: LoopDemoConfig) -> list[tuple[str, float, bool]]:
     return out
 
 
+def demo_config(cfg: LoopDemoConfig, seed: int, root: Path) -> DemoConfig:
+    return DemoConfig(out=str(root), seed=seed, quick=cfg.quick, kl_coef=cfg.kl_coef,
+                      ppo_steps=cfg.steps, overopt_steps=cfg.steps,
+                      eval_samples=cfg.eval_samples, threads=cfg.threads)
+
+
+def make_frozen_run(cfg: LoopDemoConfig, seed: int, root: Path, st: Stage) -> None:
+    """1-2 of one seed: the world, SFT, RM and the frozen β = 0 run (demo.refresh_probe)."""
+    demo = demo_config(cfg, seed, root)
+    root.mkdir(parents=True, exist_ok=True)
+    first_stages(demo, st, root, "--max-seconds", "1e9")
+    if not (root / "frozen_beta0" / "config.json").exists():
+        run_frozen_arm(cfg, demo, seed, root, root / "frozen_beta0", 0.0, st)
+
+
 def one_seed(cfg: LoopDemoConfig, seed: int, root: Path, st: Stage) -> dict:
     from demo import loop_report
 
-    demo = DemoConfig(out=str(root), seed=seed, quick=cfg.quick, kl_coef=cfg.kl_coef,
-                      ppo_steps=cfg.steps, overopt_steps=cfg.steps,
-                      eval_samples=cfg.eval_samples, threads=cfg.threads)
+    demo = demo_config(cfg, seed, root)
     root.mkdir(parents=True, exist_ok=True)
     first_stages(demo, st, root, "--max-seconds", "1e9")  # 1.
     for name, beta, loop in arms(cfg):

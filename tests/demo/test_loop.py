@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from demo import loop_report
+from demo import loop_report, refresh_probe
 from demo import world as gold_world
 from demo.loop import LoopDemoConfig, arms
 
@@ -31,6 +31,16 @@ def test_segment_pairs_are_same_prompt_pairs_ordered_by_gold(tmp_path):
     pairs = loop_report.segment_pairs(path, 1, 2)
     assert gold_world.gold("overall the story", GOOD) > gold_world.gold("overall the story", BAD)
     assert pairs == [{"prompt": "overall the story", "chosen": GOOD, "rejected": BAD}]
+
+
+def test_probe_pairs_and_rank_correlation():
+    rows = [{"step": st, "prompt": p, "response": y} for st, p, y in (
+        (1, "p", GOOD), (2, "p", BAD), (2, "q", GOOD), (2, "q", GOOD), (3, "p", GOOD))]
+    assert refresh_probe.same_prompt_pairs(rows, 1, 2) == [("p", GOOD, BAD)]
+    assert refresh_probe.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert refresh_probe.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks (0.5, 0.5, 2, 3) against (0, 1, 2, 3): 4.5 / sqrt(4.5 * 5)
+    assert refresh_probe.spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)
 
 
 def run(final: float, se: float, fraction: float | None = None) -> dict:
@@ -80,3 +90,13 @@ def test_quick_loop_proof_runs_end_to_end(tmp_path):
         assert math.isfinite(arm["final_gold"]), name
     assert (out / "loop.png").stat().st_size > 1000
     assert "bar (β = 0" in proc.stdout
+    # the refresh probe on the same seed's frozen run: a refresh at step 2, judged on 3..4
+    proc = subprocess.run([sys.executable, "-m", "demo.refresh_probe", "--quick", "--out",
+                           str(out), "--seeds", "0", "--settings", "loop:5e-4:2:2",
+                           "--labels", "4"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [row] = json.loads((out / "refresh_probe.json").read_text())["seeds"]["0"]
+    [refresh] = row["refreshes"]
+    assert refresh["step"] == 2 and 0 < refresh["labels"] <= 4
+    for side in ("before", "after"):
+        assert -1 <= refresh[side]["rho"] <= 1 and refresh[side]["samples"] > 0

@@ -17,7 +17,8 @@ The candidate then becomes the current RM (every refresh promoted: the question 
 training does, not the gate).
 
 A setting is ``NAME:LR:EPOCHS:REPLAY_RATIO[:LABELS]``; the first default is demo.loop's own.
-Writes OUT/refresh_probe.json and prints one row per seed and setting.
+Writes OUT/refresh_probe.json (OUT/refresh_probe-SELECT.json with ``--select``) and prints one
+row per seed and setting.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -46,6 +48,9 @@ class ProbeConfig:
     """NAME:LR:EPOCHS:REPLAY_RATIO[:LABELS per refresh] (default labels: --labels)."""
     labels: int = 12
     """Labels per refresh: demo.loop's 3 a step × 4 steps."""
+    select: Literal["uncertain", "confident", "random"] = "uncertain"
+    """Which candidate pairs get labels: the trainer's (smallest margin), the largest margin
+    first, or a random draw."""
     refresh_every: int = 4
     steps: int = 24
     threads: int = 1
@@ -123,15 +128,30 @@ def against_gold(model: Path, rollouts: list[dict], first: int, last: int, work:
             "pairs": len(right), "samples": len(items)}
 
 
+def pick(candidates: list, budget: int, how: str, seed: int) -> list:
+    """The labeled pairs: the trainer's choice (``uncertain``: pair_select.select), the
+    ``confident`` ones (largest margin first) or a seeded ``random`` draw."""
+    import random
+
+    from policy_trainer.pair_select import margin, select, usable
+
+    if how == "uncertain":
+        return select(candidates, budget)
+    kept = [c for c in candidates if usable(c)]
+    if how == "confident":
+        return sorted(kept, key=margin, reverse=True)[:budget]
+    return random.Random(seed).sample(kept, min(budget, len(kept)))
+
+
 def probe(root: Path, setting: str, cfg: ProbeConfig, seed: int) -> dict:
     """One setting's chain of refreshes over one seed's frozen run."""
     from demo.labeler import BradleyTerryLabeler
-    from policy_trainer.pair_select import Candidate, select
+    from policy_trainer.pair_select import Candidate
     from policy_trainer.refresh import replay_sample, train_candidate
 
     name, lr, epochs, ratio, *more = setting.split(":")
     budget = int(more[0]) if more else cfg.labels
-    work = root / "refresh_probe" / name
+    work = root / "refresh_probe" / (name if cfg.select == "uncertain" else f"{name}-{cfg.select}")
     work.mkdir(parents=True, exist_ok=True)
     rollouts = [json.loads(x) for x in
                 (root / "frozen_beta0" / "rollouts.jsonl").read_text().splitlines()]
@@ -143,8 +163,8 @@ def probe(root: Path, setting: str, cfg: ProbeConfig, seed: int) -> dict:
         pairs = same_prompt_pairs(rollouts, s - n + 1, s)
         ra = rm_scores(current, [(p, a) for p, a, _ in pairs], work / f"a-{s}", cfg.threads)
         rb = rm_scores(current, [(p, b) for p, _, b in pairs], work / f"b-{s}", cfg.threads)
-        chosen = select([Candidate(p, a, b, x, y) for (p, a, b), x, y in zip(pairs, ra, rb)],
-                        budget)
+        offered = [Candidate(p, a, b, x, y) for (p, a, b), x, y in zip(pairs, ra, rb)]
+        chosen = pick(offered, budget, cfg.select, seed + s)
         for c in chosen:
             win, lose, _ = human.label(c.prompt, c.response_a, c.response_b)
             labeled.append(json.dumps({"prompt": c.prompt, "chosen": win, "rejected": lose}))
@@ -197,7 +217,8 @@ def main(argv=None) -> int:
                   "; ρ frozen / before → after: " + ", ".join(
                       f"{x['frozen']['rho']:+.2f} / {x['before']['rho']:+.2f}→"
                       f"{x['after']['rho']:+.2f}" for x in r["refreshes"]), flush=True)
-    (out / "refresh_probe.json").write_text(json.dumps(
+    name = "refresh_probe" + ("" if cfg.select == "uncertain" else f"-{cfg.select}")
+    (out / f"{name}.json").write_text(json.dumps(
         {"config": vars(cfg), "seeds": results}, indent=1) + "\n")
     return 0
 

@@ -10,7 +10,9 @@ exactly what it sees in the full sequence, so the scores are those of the sequen
 
 - on the CPU (:func:`merged_attention`): no cache and no mask; each layer's attention is split
   into the k*S suffix queries against the one prefix and each suffix against itself, merged
-  by log-sum-exp, so the prefix's keys/values are never copied k times;
+  by log-sum-exp, so the prefix's keys/values are never copied k times (a model whose
+  attention it does not compute, e.g. soft-capped or with sinks, is found on its first shared
+  batch, logged, and takes the cache path from then on);
 - elsewhere (another device, a sliding window shorter than the sequence): the prefix's cache
   viewed k times along the batch (``expand``: the cache's first update concatenates, the one
   copy it must make) and a mask over prefix + suffix.
@@ -23,10 +25,13 @@ takes, and reads the returned cache under the same name.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 
 import torch
 from torch import nn
+
+log = logging.getLogger("rm_server")
 
 
 def cache_keyword(backbone: nn.Module) -> str:
@@ -62,10 +67,16 @@ def score_shared(rm, seqs: list[list[int]], p: int, index: list[int]) -> torch.T
     s_len = ids.shape[1]
     positions = torch.arange(p, p + s_len, device=device).expand(k, s_len)  # (k, S)
     rows = torch.tensor([i - p for i in index], device=device)  # (k,) in the suffix
-    kv = prefix_kv(cache, rm._backbone.config, p + s_len)
+    kv = (prefix_kv(cache, rm._backbone.config, p + s_len)
+          if getattr(rm, "merged_prefix_attention", True) else None)
+    hidden = None
     if kv is not None:  # the suffixes attend to the prefix's keys/values as they are
-        hidden = _suffixes_merged(rm, ids, positions, rows, kv)
-    else:
+        try:
+            hidden = _suffixes_merged(rm, ids, positions, rows, kv)
+        except MergeUnsupported as e:  # this model's attention: the cache path from now on
+            log.warning("prefix sharing: %s; the prefix's cache is passed instead", e)
+            rm.merged_prefix_attention = False
+    if hidden is None:
         expand_cache(cache, k)
         mask = torch.cat([torch.ones(k, p, dtype=suffix_mask.dtype, device=device),
                           suffix_mask], dim=1)  # (k, P + S)
@@ -83,6 +94,14 @@ def score_shared(rm, seqs: list[list[int]], p: int, index: list[int]) -> torch.T
 # of the prefix; torch's CPU flash kernel returns the log-sum-exp the merge needs.
 PREFIX_ATTENTION = "rm_prefix_merge"
 _active = threading.local()  # .kv: the prefix's keys/values per layer while suffixes run; .calls
+# what the merge does not compute: logit soft-capping (Gemma 2), attention sinks (gpt-oss...)
+_UNSUPPORTED = ("softcap", "s_aux", "sinks")
+
+
+class MergeUnsupported(Exception):
+    """The model's attention is not what :func:`merged_attention` computes: a layer with its
+    own attention code, or soft-capping or sinks. Raised before any score is returned; the
+    caller falls back to the cache path (exact for every family)."""
 
 
 def prefix_kv(cache, config, total: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -114,7 +133,8 @@ def _suffixes_merged(rm, ids, positions, rows, kv) -> torch.Tensor:
         config._attn_implementation = before
         _active.kv = None
     if calls != len(kv):  # a layer that did not take the merged attention: never silently
-        raise RuntimeError(f"prefix attention ran in {calls} of {len(kv)} layers")
+        raise MergeUnsupported(f"the merged prefix attention ran in {calls} of {len(kv)} "
+                               "layers")
     return hidden
 
 
@@ -129,6 +149,8 @@ def merged_attention(module, query, key, value, attention_mask, scaling=None, dr
     """
     from transformers.integrations.sdpa_attention import repeat_kv
 
+    if extra := [name for name in _UNSUPPORTED if kwargs.get(name) is not None]:
+        raise MergeUnsupported(f"the attention of {type(module).__name__} uses {extra}")
     _active.calls += 1
     pk, pv = _active.kv[module.layer_idx]  # (1, H_kv, P, D)
     k, h, s, d = query.shape

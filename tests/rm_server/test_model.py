@@ -259,14 +259,28 @@ def test_shared_prefix_paths_without_copies(rm_dirs, monkeypatch):
     assert views and set(views) == {0}  # (k, H, P, D) views of the one prefix row
 
 
-def test_merged_attention_refuses_a_layer_that_bypasses_it(rm_dirs, monkeypatch):
+def test_merged_attention_falls_back_when_a_layer_bypasses_it(rm_dirs, monkeypatch, caplog):
     """The merged path counts the layers that took it: one that did not would have scored
-    its suffixes without the prompt, so the batch fails instead of answering wrong."""
+    its suffixes without the prompt, so the batch is scored on the cache path instead (still
+    HF's scores), logged once, and the model keeps to that path."""
     from transformers import AttentionInterface
 
     rm = RewardModel(rm_dirs["llama"])
     monkeypatch.setitem(AttentionInterface._global_mapping, prefix_batch.PREFIX_ATTENTION,
                         lambda m, q, *a, **kw: (q.transpose(1, 2).contiguous(), None))
     prompt = list(range(20, 60))
-    with pytest.raises(RuntimeError, match="prefix attention ran in 0 of 2 layers"):
-        rm.score([prompt + [70], prompt + [71]])
+    seqs = [prompt + [70], prompt + [71]]
+    with caplog.at_level("WARNING", logger="rm_server"):
+        assert_close(rm.score(seqs), hf_alone(rm_dirs["llama"], seqs), 1e-5)
+    assert "merged prefix attention ran in 0 of 2 layers" in caplog.text
+    assert rm.merged_prefix_attention is False
+    assert_close(rm.score(seqs), hf_alone(rm_dirs["llama"], seqs), 1e-5)
+
+
+@pytest.mark.parametrize("extra", ["softcap", "s_aux"])
+def test_merged_attention_refuses_what_it_does_not_compute(extra):
+    """Soft-capped logits (Gemma 2) or attention sinks (gpt-oss) are not the plain softmax the
+    merge computes: refused before any output, so the caller takes the cache path."""
+    q = torch.zeros(2, 2, 3, 4)
+    with pytest.raises(prefix_batch.MergeUnsupported, match=extra):
+        prefix_batch.merged_attention(torch.nn.Module(), q, q, q, None, **{extra: 30.0})

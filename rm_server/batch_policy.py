@@ -241,10 +241,11 @@ class BatchPolicy:
             while hi < len(order) and hi in chosen:
                 hi += 1
             options = []  # (added padding, new cost, side)
+            now = cost.total
             for i, side in ((lo, -1), (hi, 1)):
-                if 0 <= i < len(order) and cost.n + len(order[i].members) <= self.max_batch_size:
-                    new = cost.add(order[i])
-                    options.append((new.total - cost.total - order[i].tokens, new.total, side))
+                if 0 <= i < len(order) and cost.n + order[i].n <= self.max_batch_size:
+                    total = cost.total_with(order[i])
+                    options.append((total - now - order[i].tokens, total, side))
             options = [o for o in options if o[1] <= self.max_batch_tokens]
             if not options:
                 break
@@ -265,53 +266,53 @@ class BatchPolicy:
         return taken
 
 
-@dataclass(frozen=True)
 class Unit:
     """Queued samples that go into a batch together: a group sharing ``prefix`` tokens (k >= 2)
-    or one sample (``prefix`` 0)."""
+    or one sample (``prefix`` 0). Its figures are computed once: the walk reads them often."""
 
-    members: list[Pending]
-    prefix: int = 0
+    __slots__ = ("members", "prefix", "length", "enqueued", "tokens", "n", "_group_cost")
 
-    @property
-    def length(self) -> int:
-        return max(p.length for p in self.members)
-
-    @property
-    def enqueued(self) -> float:
-        return min(p.enqueued for p in self.members)
-
-    @property
-    def tokens(self) -> int:
-        """Tokens it holds, its prefix once."""
-        return self.prefix + sum(p.length - self.prefix for p in self.members)
+    def __init__(self, members: list[Pending], prefix: int = 0):
+        self.members, self.prefix, self.n = members, prefix, len(members)
+        if self.n == 1 and not prefix:  # the common case, a sample alone: no lists
+            self.length = self.tokens = len(members[0].ids)
+            self.enqueued, self._group_cost = members[0].enqueued, 0
+            return
+        lengths = [len(p.ids) for p in members]
+        self.length = max(lengths)
+        self.enqueued = min(p.enqueued for p in members)
+        self.tokens = prefix + sum(lengths) - prefix * len(members)  # its prefix once
+        self._group_cost = plan.group_cost(prefix, lengths) if prefix else 0
 
     def cost(self) -> int:
-        if self.prefix:
-            return plan.group_cost(self.prefix, [p.length for p in self.members])
-        return plan.padded_cost([p.length for p in self.members])
+        return self._group_cost if self.prefix else self.length * self.n
 
 
-@dataclass(frozen=True)
 class Cost:
     """A forming batch's cost (prefix_plan's formula): its groups' costs plus its single
     samples padded to their longest."""
 
-    groups: int = 0
-    singles: int = 0
-    longest: int = 0  # of the single samples
-    n: int = 0  # samples
+    __slots__ = ("groups", "singles", "longest", "n")
+
+    def __init__(self, groups: int = 0, singles: int = 0, longest: int = 0, n: int = 0):
+        self.groups, self.singles, self.longest = groups, singles, longest  # longest single
+        self.n = n  # samples
 
     @property
     def total(self) -> int:
         return self.groups + self.singles * self.longest
 
-    def add(self, unit: Unit) -> Cost:
-        n = self.n + len(unit.members)
+    def total_with(self, unit: Unit) -> int:
+        """``self.add(unit).total`` without building it (the walk's inner loop)."""
         if unit.prefix:
-            return Cost(self.groups + unit.cost(), self.singles, self.longest, n)
-        return Cost(self.groups, self.singles + len(unit.members),
-                    max(self.longest, unit.length), n)
+            return self.groups + unit._group_cost + self.singles * self.longest
+        return self.groups + (self.singles + unit.n) * max(self.longest, unit.length)
+
+    def add(self, unit: Unit) -> Cost:
+        n = self.n + unit.n
+        if unit.prefix:
+            return Cost(self.groups + unit._group_cost, self.singles, self.longest, n)
+        return Cost(self.groups, self.singles + unit.n, max(self.longest, unit.length), n)
 
     @classmethod
     def of(cls, units: list[Unit]) -> Cost:

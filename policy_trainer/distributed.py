@@ -106,6 +106,15 @@ def mean_across(d: Dist, values: dict[str, float]) -> dict[str, float]:
     return {k: v / d.world_size for k, v in sum_across(d, values).items()}
 
 
+def gather_to_main(d: Dist, items: list) -> list:
+    """Every rank's ``items`` (picklable), concatenated in rank order on rank 0; [] elsewhere."""
+    if not d.enabled:
+        return items
+    parts = [None] * d.world_size if d.is_main else None
+    dist.gather_object(items, parts, dst=0)
+    return [x for part in parts for x in part] if d.is_main else []
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

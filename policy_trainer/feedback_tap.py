@@ -1,12 +1,14 @@
 """Comparison pairs from PPO's own rollouts to the feedback service (``--feedback-url``; the
 live loop, issue 20).
 
-Each step (rank 0 only), for ``--feedback-fraction`` of the step's prompts, a second response
-is sampled from the current policy (its own seed, so the step's rollouts and RNG are untouched)
-and scored on the RM; each such prompt gives a candidate pair (the step's rollout, the second
-response). ``pair_select.select`` keeps the ``--feedback-budget`` the RM is least sure of, and
-they go to the service with both rewards, the RM version and the policy step through
-``feedback.sender.PairSender``: a bounded buffer and a background thread, so a slow or dead
+Each step, for ``--feedback-fraction`` of the step's prompts, a second response is sampled from
+the current policy (its own seed, so the step's rollouts and RNG are untouched) and scored on the
+RM; each such prompt gives a candidate pair (the step's rollout, the second response). Under
+torchrun every rank samples for its own rollouts (:func:`candidates`: the sharded policy's
+generation is a collective, so all ranks take part) and rank 0 gathers them. Of all the
+step's candidates ``pair_select.select`` keeps the ``--feedback-budget`` the RM is least sure of,
+and rank 0 sends them to the service with both rewards, the RM version and the policy step
+through ``feedback.sender.PairSender``: a bounded buffer and a background thread, so a slow or dead
 service never holds a step up. Pairs the service refuses (its queue is full, ``--max-queue``:
 the cap) or that cannot be delivered are dropped and counted; the counts go into the step log
 (``feedback_*``) and Prometheus (``ppo_feedback_pairs_total{outcome}``), and a failure streak
@@ -52,37 +54,16 @@ class FeedbackTap:
             for outcome in ("offered", *COUNTS):
                 self._counter.labels(outcome)
 
-    def step(self, step: int, rollouts, scores, scored, models, prompts, scorer, rm_input,
-             device) -> dict:
-        """Sample, score, select and offer the pairs of step ``step`` (numbered as the step
-        log numbers it, from 1); the step-log fields."""
+    def step(self, step: int, found: list[tuple[pair_select.Candidate, str]],
+             seconds: float = 0.0) -> dict:
+        """Select and offer the pairs of step ``step`` (numbered as the step log numbers it,
+        from 1) from ``found`` (:func:`candidates` of every rank, with the RM version that
+        scored each); the step-log fields (``seconds``: the sampling's, for time/feedback)."""
         t0 = time.perf_counter()
-        cfg = self.cfg
-        rows = pair_select.chosen_rows(len(rollouts), cfg.feedback_fraction, cfg.seed, step)
-        candidates = []
-        if rows:
-            gen = rollout.sampling_config(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                          cfg.top_p, models.stop_ids, models.pad_id)
-            index = [rollouts.prompt_index[j] for j in rows]
-            seed = rollout.step_seed(cfg.seed, step, 0, 1_000_003)  # not a generation chunk's
-            second = rollout.generate(models.nets.policy, [prompts.ids[i] for i in index], index,
-                                      gen, models.stop_ids, models.pad_id, seed, device)
-            ids = [f"fb{step}-{j}" for j in rows]
-            scorer.submit(rm_samples(second, ids, rm_input, models, prompts))
-            got = scorer.collect()
-            first_ids = [scored.ids[j] for j in rows]
-            for k, j in enumerate(rows):
-                a, b = scored.results.get(first_ids[k]), got.results.get(ids[k])
-                if a is None or b is None or math.isnan(float(scores[j])):
-                    continue
-                candidates.append(pair_select.Candidate(
-                    prompt=prompts.texts[index[k]], response_a=decode(rollouts, j, models),
-                    response_b=decode(second, k, models), reward_a=float(scores[j]),
-                    reward_b=score_of(b, cfg), heads_a=tuple(a.head_scores),
-                    heads_b=tuple(b.head_scores)))
-            version = next((r.version for r in got.results.values()), "")
-            chosen = pair_select.select(candidates, cfg.feedback_budget)
-            pairs = [pair_select.to_pair_json(c, step, version, self.source) for c in chosen]
+        versions = {id(c): v for c, v in found}
+        chosen = pair_select.select([c for c, _ in found], self.cfg.feedback_budget)
+        pairs = [pair_select.to_pair_json(c, step, versions[id(c)], self.source) for c in chosen]
+        if pairs:
             self.sender.offer(pairs)
             self.offered += len(pairs)
         counts = self.counts()
@@ -91,8 +72,8 @@ class FeedbackTap:
                 outcome = key.removeprefix("feedback_")
                 self._counter.labels(outcome).inc(max(0, n - self._seen.get(outcome, 0)))
                 self._seen[outcome] = n
-        return {**counts, "feedback_candidates": len(candidates),
-                "time/feedback": time.perf_counter() - t0}
+        return {**counts, "feedback_candidates": len(found),
+                "time/feedback": seconds + time.perf_counter() - t0}
 
     def counts(self) -> dict[str, int]:
         """Totals so far: offered, and the sender's sent / duplicates / refused / failed /
@@ -109,6 +90,35 @@ class FeedbackTap:
         counts = self.sender.close(timeout=min(5.0, self.cfg.feedback_timeout * 2))
         log.info("feedback: %d pairs offered; %s", self.offered,
                  ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def candidates(cfg, step: int, rank: int, rollouts, scores, scored, models, prompts, scorer,
+               rm_input, device) -> list[tuple[pair_select.Candidate, str]]:
+    """This rank's candidate pairs of step ``step``: a second response for the chosen rows,
+    scored on the RM; (candidate, the RM version that scored the second response) each."""
+    rows = pair_select.chosen_rows(len(rollouts), cfg.feedback_fraction, cfg.seed, step)
+    if not rows:
+        return []
+    gen = rollout.sampling_config(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                  models.stop_ids, models.pad_id)
+    index = [rollouts.prompt_index[j] for j in rows]
+    seed = rollout.step_seed(cfg.seed, step, rank, 1_000_003)  # not a generation chunk's
+    second = rollout.generate(models.nets.policy, [prompts.ids[i] for i in index], index, gen,
+                              models.stop_ids, models.pad_id, seed, device)
+    ids = [f"fb{step}-{rank}-{j}" for j in rows]
+    scorer.submit(rm_samples(second, ids, rm_input, models, prompts))
+    got = scorer.collect()
+    out = []
+    for k, j in enumerate(rows):
+        a, b = scored.results.get(scored.ids[j]), got.results.get(ids[k])
+        if a is None or b is None or math.isnan(float(scores[j])):
+            continue
+        out.append((pair_select.Candidate(
+            prompt=prompts.texts[index[k]], response_a=decode(rollouts, j, models),
+            response_b=decode(second, k, models), reward_a=float(scores[j]),
+            reward_b=score_of(b, cfg), heads_a=tuple(a.head_scores),
+            heads_b=tuple(b.head_scores)), b.version))
+    return out
 
 
 def decode(rollouts, j: int, models) -> str:

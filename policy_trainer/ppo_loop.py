@@ -42,12 +42,11 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from policy_trainer import checkpoint, distributed, ppo, ppo_nets
+from policy_trainer import checkpoint, distributed, feedback_tap, ppo, ppo_nets
 from policy_trainer.data import batch_indices
 from policy_trainer.device import pick_device
 from policy_trainer.errors import UserError
 from policy_trainer.experience import generate_and_score, member_sums, rollout_texts
-from policy_trainer.feedback_tap import FeedbackTap
 from policy_trainer.metrics import PHASES, PhaseTimer, PPOMetrics
 from policy_trainer.ppo_config import PPOConfig
 from policy_trainer.ppo_setup import (
@@ -129,9 +128,9 @@ def train(cfg: PPOConfig, run: Run, closers: list, on_step=None) -> int:
                         "prompts": len(prompts.ids), "world_size": dist.world_size,
                         "rm_input": rm_input, "rm_version": cfg.rm_version})
         rm_versions = RMVersionLog(metrics.registry)  # rank 0's rewards
-    tap = None  # pairs of rank 0's responses to the feedback service (--feedback-url)
+    tap = None  # rank 0 sends every rank's pairs to the feedback service (--feedback-url)
     if cfg.feedback_url and dist.is_main:
-        tap = FeedbackTap(cfg, metrics.registry)
+        tap = feedback_tap.FeedbackTap(cfg, metrics.registry)
         closers.append(tap.close)
 
     def save(step: int) -> None:
@@ -165,9 +164,16 @@ def train(cfg: PPOConfig, run: Run, closers: list, on_step=None) -> int:
             raise RMError(f"step {step + 1}: {int(counts['failed_samples'])} of "
                           f"{int(counts['rollouts'])} rollouts failed to score "
                           f"(> --max-failed-fraction {cfg.max_failed_fraction})")
-        # 3b. the live loop: pairs of the policy's own responses for labeling (never blocks)
-        feedback = {} if tap is None else tap.step(step + 1, rollouts, scores, scored, models,
-                                                   prompts, scorer, rm_input, device)
+        # 3b. the live loop: pairs of the policy's own responses for labeling (never blocks;
+        # every rank samples, the sharded generation being a collective; rank 0 sends)
+        feedback = {}
+        if cfg.feedback_url:
+            t0 = time.perf_counter()
+            found = distributed.gather_to_main(dist, feedback_tap.candidates(
+                cfg, step + 1, dist.rank, rollouts, scores, scored, models, prompts, scorer,
+                rm_input, device))
+            if tap is not None:
+                feedback = tap.step(step + 1, found, time.perf_counter() - t0)
 
         # 4-6. rewards with the KL penalty, GAE, advantages whitened over every rank's batch
         kl_coef, lr = kl_ctl.value, schedulers[0].get_last_lr()[0]

@@ -26,7 +26,7 @@ from rm_client import RewardClient, text_sample
 from rm_server.launch import start_server
 from tests import tiny
 from tests.feedback.servers import ThreadServer
-from tests.policy_trainer.test_ppo_e2e import ppo_args
+from tests.policy_trainer.test_ppo_e2e import TORCHRUN, finish, ppo_args, trainer
 
 ADMIN = "admin-secret"
 GOOD, BAD = " the film was good and fun", " bad bad bad bad bad bad"
@@ -99,6 +99,26 @@ def test_ppo_sends_the_least_sure_pairs_with_rewards_version_and_step(world, rm_
         assert p.reward_a is not None and p.reward_b is not None
         assert p.priority == pytest.approx(-abs(p.reward_a - p.reward_b))
         assert p.response_a != p.response_b
+
+
+def test_under_torchrun_every_rank_samples_and_rank_0_sends_the_least_sure(world, rm_server,
+                                                                         feedback, tmp_path):
+    # The sharded policy's generation is a collective: a second response sampled on rank 0
+    # alone hung the run. Every rank samples for its own 4 rollouts (2 candidates each).
+    out = tmp_path / "run"
+    args = ppo_args(world["policy"], rm_server.address, world["prompts"], out,
+                    "--feedback-url", feedback.url, "--feedback-fraction", "0.5",
+                    "--feedback-budget", "3", "--no-tensorboard")
+    finish(trainer(args, tmp_path / "log", TORCHRUN), tmp_path / "log", timeout=240)
+    steps = [r for r in log_lines(out) if "score" in r]
+    assert [r["feedback_candidates"] for r in steps] == [4, 4]  # both ranks' candidates
+    assert steps[-1]["feedback_offered"] == 6
+    assert label_all(feedback.url, lambda text: True) == 6
+    pairs = [p for _, p in FeedbackClient(feedback.url).judgments()[0]]
+    assert sorted(p.policy_step for p in pairs) == [1, 1, 1, 2, 2, 2]
+    for p in pairs:
+        assert p.priority == pytest.approx(-abs(p.reward_a - p.reward_b))
+    assert all(p.response_a != p.response_b for p in pairs)
 
 
 def test_a_hung_feedback_service_never_holds_a_step_up(world, rm_server, tmp_path, caplog):

@@ -1,7 +1,8 @@
 """demo.loop (issue 20): the report's pieces on synthetic runs (fast): gold-ordered same-prompt
 pairs of a segment, the per-seed bar (≥ 2 SE of the difference, ≤ 5% labels); and the shortened
 proof end to end (slow): the demo's quick world, frozen and loop arms, a refresh between steps,
-the simulated labeler answering through the labeling API."""
+the simulated labeler answering through the labeling API; demo.spread's paired differences over
+PPO seeds."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from demo import loop_report, refresh_probe
+from demo import loop_report, refresh_probe, spread
 from demo import world as gold_world
 from demo.loop import LoopDemoConfig, arms
 
@@ -72,6 +73,21 @@ def test_the_bar_is_per_seed_two_standard_errors_with_few_labels():
     loop_report.print_summary(s)
 
 
+def test_spread_pairs_runs_and_takes_the_se_over_ppo_seeds():
+    diffs = [0.5, -0.1, 0.3, 0.7]
+    d = spread.paired(diffs)
+    mean = sum(diffs) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 3)  # sample SD, by hand
+    assert d["n"] == 4 and d["mean"] == pytest.approx(mean)
+    assert d["se"] == pytest.approx(sd / 2) and d["z"] == pytest.approx(mean / (sd / 2))
+    assert math.isnan(spread.paired([0.2])["se"])
+
+
+def first_step(run) -> list[str]:
+    rows = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
+    return [r["response"] for r in rows if r["step"] == 1]
+
+
 @pytest.mark.slow
 def test_quick_loop_proof_runs_end_to_end(tmp_path):
     out = tmp_path / "loop"
@@ -100,3 +116,18 @@ def test_quick_loop_proof_runs_end_to_end(tmp_path):
     assert refresh["step"] == 2 and 0 < refresh["labels"] <= 4
     for side in ("before", "after"):
         assert -1 <= refresh[side]["rho"] <= 1 and refresh[side]["samples"] > 0
+    # demo.spread: one more PPO seed on the same world; the world's own pair reused
+    proc = subprocess.run([sys.executable, "-m", "demo.spread", "--quick", "--out", str(out),
+                           "--seeds", "0", "--reps", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    w = json.loads((out / "spread.json").read_text())["worlds"]["0"]
+    assert [r["ppo_seed"] for r in w["runs"]] == [0, 100]
+    own = w["runs"][0]
+    assert own["frozen"] == pytest.approx(s["arms"]["frozen_beta0"]["final_gold"])
+    assert own["loop"] == pytest.approx(s["arms"]["loop_beta0"]["final_gold"])
+    assert w["loop_minus_frozen"]["mean"] == pytest.approx(
+        sum(r["loop"] - r["frozen"] for r in w["runs"]) / 2)
+    seed = out / "seed-0"  # same PPO seed: the arms' first step is the same; another: not
+    assert first_step(seed / "frozen_beta0_ppo100") == first_step(seed / "loop_beta0_ppo100")
+    assert first_step(seed / "frozen_beta0_ppo100") != first_step(seed / "frozen_beta0")

@@ -74,6 +74,10 @@ class LoopDemoConfig:
     """Run the arms and stop (no evaluation or report): seeds run side by side as separate
     processes, then one run without it reports on them all (it reuses every finished run)."""
 
+    def __post_init__(self):
+        if self.quick:  # the shortened run
+            self.steps, self.refresh_every, self.eval_samples = 4, 2, 32
+
 
 def main(argv=None) -> int:
     cfg = tyro.cli(LoopDemoConfig, args=argv, prog="python -m demo.loop",
@@ -87,8 +91,6 @@ def run(cfg: LoopDemoConfig) -> int:
     from demo import loop_report
 
     torch.set_num_threads(cfg.threads)
-    if cfg.quick:
-        cfg.steps, cfg.refresh_every, cfg.eval_samples = 4, 2, 32
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     st = Stage()

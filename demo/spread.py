@@ -78,9 +78,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(cfg.threads)
     loop_cfg = demo_loop.LoopDemoConfig(out=cfg.out, seeds=cfg.seeds, threads=cfg.threads,
-                                        quick=cfg.quick)
-    if cfg.quick:  # demo.loop's quick run
-        loop_cfg.steps, loop_cfg.refresh_every, loop_cfg.eval_samples = 4, 2, 32
+                                        quick=cfg.quick)  # --quick: demo.loop's sizes
     out = Path(cfg.out)
     worlds = {s: one_world(loop_cfg, s, cfg.reps, out / f"seed-{s}") for s in cfg.seeds}
     summary = {"config": vars(cfg), "worlds": {}}

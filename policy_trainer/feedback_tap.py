@@ -54,15 +54,13 @@ class FeedbackTap:
             for outcome in ("offered", *COUNTS):
                 self._counter.labels(outcome)
 
-    def step(self, step: int, found: list[tuple[pair_select.Candidate, str]],
-             seconds: float = 0.0) -> dict:
+    def step(self, step: int, found: list[pair_select.Candidate], seconds: float = 0.0) -> dict:
         """Select and offer the pairs of step ``step`` (numbered as the step log numbers it,
-        from 1) from ``found`` (:func:`candidates` of every rank, with the RM version that
-        scored each); the step-log fields (``seconds``: the sampling's, for time/feedback)."""
+        from 1) from ``found`` (:func:`candidates` of every rank); the step-log fields
+        (``seconds``: the sampling's, for time/feedback)."""
         t0 = time.perf_counter()
-        versions = {id(c): v for c, v in found}
-        chosen = pair_select.select([c for c, _ in found], self.cfg.feedback_budget)
-        pairs = [pair_select.to_pair_json(c, step, versions[id(c)], self.source) for c in chosen]
+        chosen = pair_select.select(found, self.cfg.feedback_budget)
+        pairs = [pair_select.to_pair_json(c, step, c.rm_version, self.source) for c in chosen]
         if pairs:
             self.sender.offer(pairs)
             self.offered += len(pairs)
@@ -93,9 +91,9 @@ class FeedbackTap:
 
 
 def candidates(cfg, step: int, rank: int, rollouts, scores, scored, models, prompts, scorer,
-               rm_input, device) -> list[tuple[pair_select.Candidate, str]]:
+               rm_input, device) -> list[pair_select.Candidate]:
     """This rank's candidate pairs of step ``step``: a second response for the chosen rows,
-    scored on the RM; (candidate, the RM version that scored the second response) each."""
+    scored on the RM."""
     rows = pair_select.chosen_rows(len(rollouts), cfg.feedback_fraction, cfg.seed, step)
     if not rows:
         return []
@@ -113,11 +111,11 @@ def candidates(cfg, step: int, rank: int, rollouts, scores, scored, models, prom
         a, b = scored.results.get(scored.ids[j]), got.results.get(ids[k])
         if a is None or b is None or math.isnan(float(scores[j])):
             continue
-        out.append((pair_select.Candidate(
+        out.append(pair_select.Candidate(
             prompt=prompts.texts[index[k]], response_a=decode(rollouts, j, models),
             response_b=decode(second, k, models), reward_a=float(scores[j]),
             reward_b=score_of(b, cfg), heads_a=tuple(a.head_scores),
-            heads_b=tuple(b.head_scores)), b.version))
+            heads_b=tuple(b.head_scores), rm_version=b.version))
     return out
 
 

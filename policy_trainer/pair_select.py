@@ -35,6 +35,8 @@ class Candidate:
     heads_a: tuple[float, ...] = ()
     """An ensemble's members' scores of response_a (empty: one head)."""
     heads_b: tuple[float, ...] = ()
+    rm_version: str = ""
+    """The RM version that scored the pair (the second response's)."""
 
 
 def chosen_rows(n_rows: int, fraction: float, seed: int, step: int) -> list[int]:

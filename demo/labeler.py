@@ -13,6 +13,8 @@ more probable winner agrees with probability max(p, 1 − p) on each pair, so
 
 is the ceiling no RM can beat in expectation (the Bayes-optimal accuracy). Scale g to set the
 noise: gold differences of 2–5 give agreement near 0.9; differences near 0 give coin flips.
+A ``temperature`` T divides the difference (P = σ((g(a) − g(b)) / T)); T = 0 is the noiseless
+labeler, the gold order itself (ties a coin flip): what perfect labels would teach.
 """
 
 from __future__ import annotations
@@ -34,13 +36,19 @@ def sigmoid(z: float) -> float:
 class BradleyTerryLabeler:
     """Labels (prompt, a, b) with BT noise around ``gold_fn``; seeded, so labels reproduce."""
 
-    def __init__(self, gold_fn: GoldFn, seed: int = 0):
+    def __init__(self, gold_fn: GoldFn, seed: int = 0, temperature: float = 1.0):
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.gold_fn = gold_fn
         self.rng = random.Random(seed)
+        self.temperature = temperature
 
     def p_wins(self, prompt: str, a: str, b: str) -> float:
-        """P(a ≻ b | prompt) = σ(gold(a) − gold(b))."""
-        return sigmoid(self.gold_fn(prompt, a) - self.gold_fn(prompt, b))
+        """P(a ≻ b | prompt) = σ((gold(a) − gold(b)) / T); at T = 0: 1, 0 or ½ (a tie)."""
+        d = self.gold_fn(prompt, a) - self.gold_fn(prompt, b)
+        if self.temperature == 0:
+            return 1.0 if d > 0 else 0.0 if d < 0 else 0.5
+        return sigmoid(d / self.temperature)
 
     def label(self, prompt: str, a: str, b: str) -> tuple[str, str, float]:
         """(chosen, rejected, p_a_wins): one noisy judgment."""

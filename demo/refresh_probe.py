@@ -17,8 +17,9 @@ The candidate then becomes the current RM (every refresh promoted: the question 
 training does, not the gate).
 
 A setting is ``NAME:LR:EPOCHS:REPLAY_RATIO[:LABELS]``; the first default is demo.loop's own.
-Writes OUT/refresh_probe.json (OUT/refresh_probe-SELECT.json with ``--select``) and prints one
-row per seed and setting.
+``--labeler-temperature 0`` labels by the gold order (noise-free): the most any labels on those
+pairs could teach this RM. Writes OUT/refresh_probe.json (OUT/refresh_probe-SELECT-tT.json with
+``--select`` or a temperature) and prints one row per seed and setting.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class ProbeConfig:
     select: Literal["uncertain", "confident", "random"] = "uncertain"
     """Which candidate pairs get labels: the trainer's (smallest margin), the largest margin
     first, or a random draw."""
+    labeler_temperature: float = 1.0
+    """The simulated human's noise (demo.labeler's temperature): 1 is demo.loop's labeler; 0
+    labels by the gold order itself, what perfect labels on the same pairs would teach."""
     refresh_every: int = 4
     steps: int = 24
     threads: int = 1
@@ -143,6 +147,12 @@ def pick(candidates: list, budget: int, how: str, seed: int) -> list:
     return random.Random(seed).sample(kept, min(budget, len(kept)))
 
 
+def variant(cfg: ProbeConfig) -> str:
+    """The suffix of a non-default probe's files: ``-SELECT``, ``-tTEMPERATURE``."""
+    return ("" if cfg.select == "uncertain" else f"-{cfg.select}") + (
+        "" if cfg.labeler_temperature == 1.0 else f"-t{cfg.labeler_temperature:g}")
+
+
 def probe(root: Path, setting: str, cfg: ProbeConfig, seed: int) -> dict:
     """One setting's chain of refreshes over one seed's frozen run."""
     from demo.labeler import BradleyTerryLabeler
@@ -151,12 +161,13 @@ def probe(root: Path, setting: str, cfg: ProbeConfig, seed: int) -> dict:
 
     name, lr, epochs, ratio, *more = setting.split(":")
     budget = int(more[0]) if more else cfg.labels
-    work = root / "refresh_probe" / (name if cfg.select == "uncertain" else f"{name}-{cfg.select}")
+    work = root / "refresh_probe" / f"{name}{variant(cfg)}"
     work.mkdir(parents=True, exist_ok=True)
     rollouts = [json.loads(x) for x in
                 (root / "frozen_beta0" / "rollouts.jsonl").read_text().splitlines()]
     replay = (root / "world" / "prefs.jsonl").read_text().splitlines()
-    human = BradleyTerryLabeler(gold_world.gold, seed=10_000 + seed)
+    human = BradleyTerryLabeler(gold_world.gold, seed=10_000 + seed,
+                                temperature=cfg.labeler_temperature)
     current, labeled, rows = root / "rm", [], []
     n = cfg.refresh_every
     for i, s in enumerate(range(n, cfg.steps, n)):
@@ -217,7 +228,7 @@ def main(argv=None) -> int:
                   "; ρ frozen / before → after: " + ", ".join(
                       f"{x['frozen']['rho']:+.2f} / {x['before']['rho']:+.2f}→"
                       f"{x['after']['rho']:+.2f}" for x in r["refreshes"]), flush=True)
-    name = "refresh_probe" + ("" if cfg.select == "uncertain" else f"-{cfg.select}")
+    name = "refresh_probe" + variant(cfg)
     (out / f"{name}.json").write_text(json.dumps(
         {"config": vars(cfg), "seeds": results}, indent=1) + "\n")
     return 0

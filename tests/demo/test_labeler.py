@@ -53,3 +53,17 @@ def test_gold_agreement_reaches_bayes_in_expectation():
     labeled = [lab.label(*t)[:2] for t in pairs]
     realized = lab.gold_agreement([("x", c, r) for c, r in labeled])
     assert realized == pytest.approx(lab.bayes_agreement(pairs), abs=0.03)
+
+
+def test_temperature_scales_the_noise_and_zero_is_the_gold_order():
+    warm = BradleyTerryLabeler(gold, seed=0, temperature=2.0)
+    assert warm.p_wins("x", "++", "-") == pytest.approx(1 / (1 + math.exp(-1.5)))
+    exact = BradleyTerryLabeler(gold, seed=0, temperature=0.0)
+    for i in range(200):  # the better response always wins, either side
+        a, b = "+" * (i % 5), "-" * (i % 3 + 1)
+        assert exact.label("x", a, b)[:2] == (a, b) and exact.label("x", b, a)[:2] == (a, b)
+    ties = [exact.label("x", "a", "b")[0] for _ in range(400)]  # a tie is a fair coin
+    assert exact.p_wins("x", "a", "b") == 0.5 and 150 < ties.count("a") < 250
+    assert exact.bayes_agreement([("x", "+", ""), ("x", "", "+")]) == 1.0
+    with pytest.raises(ValueError, match="temperature"):
+        BradleyTerryLabeler(gold, temperature=-1.0)

@@ -116,6 +116,19 @@ def test_quick_loop_proof_runs_end_to_end(tmp_path):
     assert refresh["step"] == 2 and 0 < refresh["labels"] <= 4
     for side in ("before", "after"):
         assert -1 <= refresh[side]["rho"] <= 1 and refresh[side]["samples"] > 0
+    # the noiseless labeler: every fresh label is the gold order (ties aside)
+    proc = subprocess.run([sys.executable, "-m", "demo.refresh_probe", "--quick", "--out",
+                           str(out), "--seeds", "0", "--settings", "exact:5e-4:1:0",
+                           "--labels", "4", "--labeler-temperature", "0"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "refresh_probe-t0.json").exists()
+    fresh = [json.loads(x) for x in (out / "seed-0" / "refresh_probe" / "exact-t0" /
+                                     "train-2.jsonl").read_text().splitlines()]
+    assert 0 < len(fresh) <= 4  # replay ratio 0: the fresh labels alone
+    assert all(gold_world.gold(r["prompt"], r["chosen"])
+               >= gold_world.gold(r["prompt"], r["rejected"])
+               for r in fresh)
     # demo.spread: one more PPO seed on the same world; the world's own pair reused
     proc = subprocess.run([sys.executable, "-m", "demo.spread", "--quick", "--out", str(out),
                            "--seeds", "0", "--reps", "1", "--threads", "1"],

@@ -122,12 +122,12 @@ def serve(cfg: ServeConfig) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
-        server = FeedbackServer(cfg)
-        await server.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before the port file says it is up
             loop.add_signal_handler(sig, stopping.set)
+        server = FeedbackServer(cfg)
+        await server.start()
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
         log.info("feedback server on http://%s:%d (store %s%s)", cfg.host, server.port,
                  redact(cfg.store), metrics)
@@ -136,4 +136,8 @@ def serve(cfg: ServeConfig) -> int:
         await server.stop()
 
     asyncio.run(main())
+    # asyncio's loop put the default, fatal dispositions back on closing: a supervisor's second
+    # SIGTERM during the interpreter's teardown would turn this clean exit into a kill (-15)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     return 0

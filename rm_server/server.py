@@ -288,6 +288,15 @@ class RewardServer:
         return 0
 
 
+def ignore_late_stop_signals() -> None:
+    """After the shutdown, a SIGTERM or SIGINT more (a supervisor asking again) changes nothing.
+    Closing, asyncio's loop put back their default, fatal dispositions, and the interpreter's
+    teardown (model, gRPC and executor threads) takes a while: a signal there turned a clean
+    exit 0 into a kill (-15)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def serve(cfg: ServeConfig) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -304,7 +313,9 @@ def serve(cfg: ServeConfig) -> int:
         check_config(cfg)
         # before binding: a bad --model (or an unreachable hub) is the one line on stderr
         check_source(cfg.model, cfg.revision, cfg.tokenizer, cfg.trust_remote_code)
-        return asyncio.run(RewardServer(cfg).run())
+        code = asyncio.run(RewardServer(cfg).run())
+        ignore_late_stop_signals()
+        return code
     except (ModelLoadError, OSError, ValueError) as e:
         message = " ".join(str(e).split())  # one line, whatever the library wrote
         print(f"rm-server serve: error: {message}", file=sys.stderr)

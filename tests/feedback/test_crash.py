@@ -1,10 +1,11 @@
 """SIGKILL the feedback server while writers stream to it, on both stores: every write it
 acknowledged is in the store, nothing is half-written, and after a restart the writers' resends
 (the same pair ids, the same lease answers) change nothing that was already there: each pair
-once, each lease answered once."""
+once, each lease answered once. SIGTERM, however often, is a clean exit."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -98,3 +99,16 @@ def test_sigkill_loses_no_acknowledged_write_and_resends_duplicate_nothing(store
             assert answers == attempted  # every answer once: none lost, none twice
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_repeated_sigterms_end_in_a_clean_exit(tmp_path):
+    """An impatient supervisor signals again and again, from the moment the server is up: each
+    SIGTERM, during the shutdown or the interpreter's teardown after it, is one more request
+    to stop, never a kill."""
+    server = ProcessServer(str(tmp_path / "feedback.db"), tmp_path)
+    deadline = time.monotonic() + 60
+    while server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.005)
+    assert server.proc.returncode == 0, server.log()

@@ -363,6 +363,18 @@ def test_sigterm_during_load_drains_and_exits_zero(model_dir):
     assert s.proc.wait(30) == 0, s.log()
 
 
+def test_repeated_sigterms_still_end_in_a_clean_exit(model_dir):
+    """An impatient supervisor signals again and again: every SIGTERM during the shutdown, and
+    during the interpreter's teardown after it, is the same request to stop, never a kill."""
+    s = start_server(model_dir, "--max-batch-size", "4")
+    deadline = time.monotonic() + 60
+    while s.proc.poll() is None:
+        s.proc.send_signal(signal.SIGTERM)
+        assert time.monotonic() < deadline, s.log()
+        time.sleep(0.005)
+    assert s.proc.returncode == 0, s.log()
+
+
 def test_model_load_failure_is_one_line_and_nonzero(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rm_server.cli", "serve", "--model",
                            str(tmp_path / "nope"), "--port", "0", "--metrics-port", "-1"],

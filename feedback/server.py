@@ -134,10 +134,12 @@ def serve(cfg: ServeConfig) -> int:
         await stopping.wait()
         log.info("stopping")
         await server.stop()
+        # Closing, the loop would put the default, fatal dispositions back: a supervisor's
+        # second SIGTERM during the interpreter's teardown would turn this clean exit into a
+        # kill (-15). Swapped here, inside the loop, the default stands only between two calls.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
     asyncio.run(main())
-    # asyncio's loop put the default, fatal dispositions back on closing: a supervisor's second
-    # SIGTERM during the interpreter's teardown would turn this clean exit into a kill (-15)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
     return 0

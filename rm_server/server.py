@@ -285,15 +285,18 @@ class RewardServer:
         await stopper
         loader.cancel()
         await self.shutdown()
+        ignore_late_stop_signals(loop)
         return 0
 
 
-def ignore_late_stop_signals() -> None:
+def ignore_late_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
     """After the shutdown, a SIGTERM or SIGINT more (a supervisor asking again) changes nothing.
-    Closing, asyncio's loop put back their default, fatal dispositions, and the interpreter's
-    teardown (model, gRPC and executor threads) takes a while: a signal there turned a clean
-    exit 0 into a kill (-15)."""
+    Left to asyncio, closing the loop puts their default, fatal dispositions back, and the
+    interpreter's teardown (model, gRPC and executor threads) takes a while: a signal there
+    turned a clean exit 0 into a kill (-15). Swapped here, inside the loop, the fatal default
+    stands only between two calls."""
     for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -313,9 +316,7 @@ def serve(cfg: ServeConfig) -> int:
         check_config(cfg)
         # before binding: a bad --model (or an unreachable hub) is the one line on stderr
         check_source(cfg.model, cfg.revision, cfg.tokenizer, cfg.trust_remote_code)
-        code = asyncio.run(RewardServer(cfg).run())
-        ignore_late_stop_signals()
-        return code
+        return asyncio.run(RewardServer(cfg).run())
     except (ModelLoadError, OSError, ValueError) as e:
         message = " ".join(str(e).split())  # one line, whatever the library wrote
         print(f"rm-server serve: error: {message}", file=sys.stderr)

@@ -5,7 +5,6 @@ once, each lease answered once. SIGTERM, however often, is a clean exit."""
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 
@@ -14,6 +13,7 @@ from feedback.errors import FeedbackError
 from feedback.pairs import Pair
 from feedback.store import open_store
 from tests.feedback.servers import ProcessServer
+from tests.processes import sigterm_until_exit
 
 WRITERS = 3
 PER_WRITER = 400
@@ -106,9 +106,4 @@ def test_repeated_sigterms_end_in_a_clean_exit(tmp_path):
     SIGTERM, during the shutdown or the interpreter's teardown after it, is one more request
     to stop, never a kill."""
     server = ProcessServer(str(tmp_path / "feedback.db"), tmp_path)
-    deadline = time.monotonic() + 60
-    while server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.005)
-    assert server.proc.returncode == 0, server.log()
+    assert sigterm_until_exit(server.proc, server.log) == 0, server.log()

@@ -31,6 +31,7 @@ from rm_client import (
     token_sample,
 )
 from rm_server.launch import health_status, start_server
+from tests.processes import sigterm_until_exit
 
 
 @pytest.fixture(scope="module")
@@ -367,12 +368,7 @@ def test_repeated_sigterms_still_end_in_a_clean_exit(model_dir):
     """An impatient supervisor signals again and again: every SIGTERM during the shutdown, and
     during the interpreter's teardown after it, is the same request to stop, never a kill."""
     s = start_server(model_dir, "--max-batch-size", "4")
-    deadline = time.monotonic() + 60
-    while s.proc.poll() is None:
-        s.proc.send_signal(signal.SIGTERM)
-        assert time.monotonic() < deadline, s.log()
-        time.sleep(0.005)
-    assert s.proc.returncode == 0, s.log()
+    assert sigterm_until_exit(s.proc, s.log) == 0, s.log()
 
 
 def test_model_load_failure_is_one_line_and_nonzero(tmp_path):
